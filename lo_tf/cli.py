@@ -1,0 +1,66 @@
+"""Shared plumbing of the `bin/` tools: flag parsing, gin parsing, one-line errors with exit 2."""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import gin
+
+from lo_tf.errors import UserError  # re-exported for bin/ tools
+
+EXIT_USAGE = 2
+
+
+def _fail(message):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{str(e).splitlines()[0]}; see --help')
+
+
+def define_gin_flags():
+  flags.DEFINE_multi_string('gin_file', [], 'Gin config file(s), parsed in order.')
+  flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "InnerTrainer.num_steps=100".')
+
+
+def parse_gin(gin_files, gin_bindings, extra_bindings=()):
+  """Parses gin files and bindings after importing every configurable.
+
+  Raises:
+    UserError: for a missing gin file, an unknown configurable or parameter, or a syntax error.
+  """
+  # Import every module that registers configurables so unknown names are caught here.
+  import lo_tf.all_configurables  # pylint: disable=g-import-not-at-top,unused-import
+  for f in gin_files:
+    if not os.path.isfile(f):
+      raise UserError(f'gin file {f!r} does not exist; pass an existing file to --gin_file')
+  try:
+    gin.parse_config_files_and_bindings(gin_files, list(gin_bindings) + list(extra_bindings),
+                                        finalize_config=False)
+  except Exception as e:  # gin raises ValueError, SyntaxError, KeyError... for config errors
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
+
+
+def run(main):
+  """Runs `main(argv)` as an absl app; `UserError` and flag errors exit 2 with one line."""
+
+  def wrapped(argv):
+    logging.set_verbosity(logging.INFO)
+    try:
+      main(argv)
+    except UserError as e:
+      _fail(str(e).strip().splitlines()[0])
+    except KeyboardInterrupt:
+      _fail('interrupted')
+
+  app.run(wrapped, flags_parser=_parse_flags)

@@ -1,0 +1,1 @@
+"""Image-classification sources (paper §4.2): see `lo_tf.data.sources`."""

@@ -1,0 +1,298 @@
+"""Evaluation on held-out classes against tuned baselines (paper §4.4, Fig. 1, App. D, App. E).
+
+For each outer-test task, Adam, RMSProp and SGD+Momentum are tuned over the 11-value learning-rate
+grid of §4.4 on the first initialization; the rate chosen per optimizer and per target metric (train
+loss: final-window minibatch loss; valid loss: lowest inner-valid loss) then runs on every
+initialization. The per-task best baseline is the best of the three. A learned optimizer, when given,
+runs untuned on the same tasks and initializations. Every inner-training run is cached on disk by
+(task seed, optimizer, rate, init seed, experiment fingerprint), so re-runs do not repeat it.
+
+Curves over initializations are summarized by their median (the lines of Fig. 1a,b); metrics are
+read off the median curves.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from lo_tf import io_utils
+from lo_tf.inner_training import InnerCurves
+from lo_tf.optimizers.hand_designed import BASELINES
+from lo_tf.optimizers.hand_designed import learning_rate_grid
+from lo_tf.tasks.distribution import OUTER_TEST
+
+BASELINE_NAMES = ('adam', 'rmsprop', 'sgdm')
+METRICS = ('train', 'valid')
+
+
+def smoothed_train_loss(train_loss, window):
+  """Trailing moving average (float64 [T]) of a minibatch loss curve over `window` steps."""
+  x = np.asarray(train_loss, np.float64)
+  c = np.cumsum(np.concatenate([[0.0], np.nan_to_num(x, nan=np.inf)]))
+  idx = np.arange(1, len(x) + 1)
+  lo = np.maximum(0, idx - window)
+  out = (c[idx] - c[lo]) / (idx - lo)
+  out[~np.isfinite(x)] = np.nan
+  return out
+
+
+@dataclasses.dataclass
+class Summary:
+  """Metrics of one optimizer on one task, from median-over-inits curves.
+
+  `train` is the smoothed minibatch train loss per step; `valid` the inner-valid loss per eval.
+  """
+  train: np.ndarray
+  seconds: np.ndarray
+  valid: np.ndarray
+  eval_steps: np.ndarray
+  eval_seconds: np.ndarray
+  diverged: bool
+  band: dict  # metric -> (25th, 75th percentile curves over inits)
+
+  def final(self, metric):
+    """Final-window train loss, or final valid loss (inf if diverged)."""
+    v = (self.train if metric == 'train' else self.valid)[-1]
+    return float(v) if np.isfinite(v) else float('inf')
+
+  def best(self, metric):
+    """Lowest train (smoothed) or valid loss reached (inf if none is finite)."""
+    v = self.train if metric == 'train' else self.valid
+    return float(np.nanmin(v)) if np.isfinite(v).any() else float('inf')
+
+  def time_to(self, metric, target):
+    """(steps, seconds) to first reach loss <= target, or (None, None) if never reached."""
+    if metric == 'train':
+      v, steps, secs = self.train, np.arange(1, len(self.train) + 1), self.seconds
+    else:
+      v, steps, secs = self.valid, self.eval_steps, self.eval_seconds
+    hit = np.flatnonzero(np.nan_to_num(v, nan=np.inf) <= target)
+    if hit.size == 0:
+      return None, None
+    return int(steps[hit[0]]), float(secs[hit[0]])
+
+  def selection_score(self, metric):
+    """The §4.4 tuning target: final-window train loss, or best valid loss."""
+    return self.final('train') if metric == 'train' else self.best('valid')
+
+
+def summarize(curves_list, window):
+  """Median over initializations of a list of `InnerCurves` -> `Summary`."""
+  stack = lambda f: np.stack([f(c) for c in curves_list])
+  train = stack(lambda c: smoothed_train_loss(c.train_loss, window))
+  valid = stack(lambda c: c.valid_loss)
+  # Percentiles propagate NaN (diverged inits), which is the honest reading of a failed run.
+  pct = lambda x, q: np.percentile(x, q, axis=0)
+  return Summary(train=np.median(train, 0), seconds=np.median(stack(lambda c: c.seconds), 0),
+                 valid=np.median(valid, 0), eval_steps=curves_list[0].eval_steps,
+                 eval_seconds=np.median(stack(lambda c: c.eval_seconds), 0),
+                 diverged=any(c.diverged for c in curves_list),
+                 band={'train': (pct(train, 25), pct(train, 75)),
+                       'valid': (pct(valid, 25), pct(valid, 75))})
+
+
+class CurveCache:
+  """On-disk cache of `InnerCurves`, one .npz per run, written atomically."""
+
+  def __init__(self, directory):
+    self.directory = io_utils.ensure_writable_dir(directory)
+    self.hits = self.misses = 0
+
+  def _path(self, key):
+    return os.path.join(self.directory, key + '.npz')
+
+  def get(self, key):
+    path = self._path(key)
+    if not os.path.exists(path):
+      self.misses += 1
+      return None
+    try:
+      with np.load(path) as z:
+        fields = {f.name: z[f.name] for f in dataclasses.fields(InnerCurves)}
+    except (OSError, ValueError, KeyError):
+      self.misses += 1  # a corrupt cache entry is recomputed, not trusted
+      return None
+    self.hits += 1
+    fields['steps_completed'] = int(fields['steps_completed'])
+    fields['diverged'] = bool(fields['diverged'])
+    return InnerCurves(**fields)
+
+  def put(self, key, curves):
+    import io  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    np.savez(buf, **dataclasses.asdict(curves))
+    io_utils.atomic_write_bytes(self._path(key), buf.getvalue())
+
+
+class Evaluator:
+  """Runs the §4.4 comparison on outer-test tasks of an `Experiment`.
+
+  Args:
+    experiment: `lo_tf.experiment.Experiment`.
+    output_dir: where results.json, plots and the run cache go.
+    num_tasks: number of outer-test tasks (task seeds 0..num_tasks-1).
+    num_inits: initializations per task (init seeds 0..num_inits-1; paper: 5).
+    learned: optional (name, family, theta) of a learned optimizer; None evaluates baselines only.
+    grid: learning rates of the baseline grid (default: the §4.4 grid of 11 values).
+  """
+
+  def __init__(self, experiment, output_dir, num_tasks=20, num_inits=5, learned=None, grid=None):
+    if num_tasks < 1 or num_inits < 1:
+      raise ValueError('num_tasks and num_inits must be positive')
+    self.exp = experiment
+    self.output_dir = io_utils.ensure_writable_dir(output_dir)
+    self.cache = CurveCache(os.path.join(output_dir, 'cache'))
+    self.num_tasks, self.num_inits = num_tasks, num_inits
+    self.learned = learned
+    self.grid = learning_rate_grid() if grid is None else np.asarray(grid)
+    self.window = max(1, experiment.trainer.eval_every)
+    self._fingerprint = experiment.fingerprint()
+    self._runs_done = 0
+
+  def _run(self, name, family, opt_params, task, init, rate_label):
+    key = f'{self._fingerprint}-t{task.seed}-{name}-{rate_label}-i{init}'
+    curves = self.cache.get(key)
+    if curves is None:
+      curves = self.exp.trainer.train(family, opt_params, task, init)
+      self.cache.put(key, curves)
+    self._runs_done += 1
+    return curves
+
+  def _evaluate_task(self, task):
+    record = {'task_seed': task.seed, 'classes': task.classes.tolist(),
+              'class_names': list(task.class_names), 'optimizers': {}}
+    chosen = {}  # metric -> (score, name, lr)
+    for name in BASELINE_NAMES:
+      family = BASELINES[name]
+      grid = []
+      for lr in self.grid:
+        s = summarize([self._run(name, family, lr, task, 0, f'{lr:.3g}')], self.window)
+        grid.append({'learning_rate': float(lr), 'final_train': s.final('train'),
+                     'best_train': s.best('train'), 'best_valid': s.best('valid'),
+                     'diverged': s.diverged, '_summary': s})
+      entry = {'grid': grid}
+      for metric in METRICS:
+        best = min(grid, key=lambda g, m=metric: g['_summary'].selection_score(m))
+        lr = best['learning_rate']
+        entry[f'best_lr_{metric}'] = lr
+        runs = [self._run(name, family, lr, task, i, f'{lr:.3g}') for i in range(self.num_inits)]
+        s = summarize(runs, self.window)
+        entry[f'at_best_lr_{metric}'] = self._describe(s)
+        record['optimizers'][f'{name}@{metric}'] = s
+        score = s.selection_score(metric)
+        if metric not in chosen or score < chosen[metric][0]:
+          chosen[metric] = (score, name, lr)
+      for g in grid:
+        del g['_summary']
+      record[name] = entry
+    for metric in METRICS:
+      _, name, lr = chosen[metric]
+      record[f'best_baseline_{metric}'] = {'name': name, 'learning_rate': lr}
+    if self.learned is not None:
+      lname, family, theta = self.learned
+      label = hashlib.sha1(np.asarray(theta, np.float32).tobytes()).hexdigest()[:12]
+      runs = [self._run(lname, family, theta, task, i, label) for i in range(self.num_inits)]
+      s = summarize(runs, self.window)
+      record['optimizers'][lname] = s
+      record[lname] = self._describe(s)
+      for metric in METRICS:
+        base = record['optimizers'][f'{record[f"best_baseline_{metric}"]["name"]}@{metric}']
+        target = base.best(metric)
+        record[f'improvement_{metric}'] = target - s.best(metric)
+        b_steps, b_secs = base.time_to(metric, target)
+        l_steps, l_secs = s.time_to(metric, target)
+        reached = l_steps is not None and b_steps is not None
+        record[f'speedup_steps_{metric}'] = (b_steps / max(l_steps, 1)) if reached else 0.0
+        record[f'speedup_wallclock_{metric}'] = (b_secs / max(l_secs, 1e-9)) if reached else 0.0
+    return record
+
+  @staticmethod
+  def _describe(s):
+    return {'final_train': s.final('train'), 'best_train': s.best('train'),
+            'final_valid': s.final('valid'), 'best_valid': s.best('valid'),
+            'steps': int(np.isfinite(s.train).sum()),
+            'seconds': float(np.nanmax(s.seconds)) if np.isfinite(s.seconds).any() else 0.0,
+            'diverged': s.diverged}
+
+  def run(self):
+    """Evaluates every task; writes results.json and the Fig. 1 plots into output_dir.
+
+    Returns:
+      The results dict ({'summary': ..., 'tasks': [...]}) also written to results.json.
+    """
+    from lo_tf import plotting  # pylint: disable=g-import-not-at-top
+    start = time.time()
+    records = []
+    for k in range(self.num_tasks):
+      task = self.exp.tasks.sample_task(OUTER_TEST, k)
+      records.append(self._evaluate_task(task))
+      done = k + 1
+      elapsed = time.time() - start
+      logging.info('task %d/%d done: %d runs (%d cached), %.1fs elapsed, ETA %.0fs', done,
+                   self.num_tasks, self._runs_done, self.cache.hits, elapsed,
+                   elapsed / done * (self.num_tasks - done))
+    summaries = [r.pop('optimizers') for r in records]
+    results = {'summary': self._summary(records, time.time() - start), 'tasks': records,
+               'config': {'fingerprint': self._fingerprint, 'num_inits': self.num_inits,
+                          'grid': self.grid.tolist(),
+                          'num_steps': self.exp.trainer.num_steps,
+                          'test_source': self.exp.tasks.test_spec or self.exp.tasks.train_spec}}
+    plots = plotting.figure1(summaries, records, self.learned[0] if self.learned else None,
+                             self.output_dir)
+    results['plots'] = plots
+    io_utils.atomic_write_json(os.path.join(self.output_dir, 'results.json'), results)
+    return results
+
+  def _summary(self, records, wall_seconds):
+    summary = {'num_tasks': len(records), 'num_inits': self.num_inits,
+               'wall_seconds': wall_seconds,
+               'runs': self._runs_done, 'cached_runs': self.cache.hits}
+    for metric in METRICS:
+      names = [r[f'best_baseline_{metric}']['name'] for r in records]
+      summary[f'best_baseline_counts_{metric}'] = {n: names.count(n) for n in BASELINE_NAMES}
+    if self.learned is not None:
+      for metric in METRICS:
+        imp = np.array([r[f'improvement_{metric}'] for r in records])
+        summary[f'win_rate_{metric}'] = float(np.mean(imp > 0))
+        summary[f'median_improvement_{metric}'] = float(np.median(imp))
+      for key in ('speedup_steps_train', 'speedup_wallclock_train', 'speedup_steps_valid',
+                  'speedup_wallclock_valid'):
+        summary[key] = float(np.median([r[key] for r in records]))
+    return summary
+
+
+def load_results(path):
+  """Reads a results.json written by `Evaluator.run`."""
+  with open(path) as f:
+    return json.load(f)
+
+
+def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_tasks, num_inits,
+                        output_dir):
+  """`bin/eval`: parses gin, builds the experiment, loads the learned optimizer, evaluates.
+
+  Raises:
+    UserError: for bad gin configuration, sources, checkpoints or output directories.
+  """
+  from lo_tf import cli  # pylint: disable=g-import-not-at-top
+  from lo_tf.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
+  cli.parse_gin(gin_files, gin_bindings, extra)
+  io_utils.ensure_writable_dir(output_dir)
+  experiment = build_experiment()
+  learned = None
+  if checkpoint:
+    from lo_tf import checkpoints  # pylint: disable=g-import-not-at-top
+    learned = checkpoints.load_learned_optimizer(checkpoint)
+  results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
+                      learned=learned).run()
+  print(json.dumps(results['summary'], indent=2))
+  print(f'results: {os.path.join(output_dir, "results.json")}')
+  for path in results['plots'].values():
+    print(f'plot: {path}')
+  return results

@@ -1,0 +1,83 @@
+"""Figure 1 of the paper as PNGs: learning curves on a held-out task and the improvement histogram.
+
+* ``fig1ab_curves.png`` (Fig. 1a,b): train and test (inner-valid) loss of the first outer-test task
+  vs steps and vs seconds, median over initializations with the 25/75 percentile band, each
+  optimizer at its rate tuned for that metric, dashed lines at the best loss each achieved.
+* ``fig1c_improvement.png`` (Fig. 1c): distribution over tasks of the learned optimizer's loss
+  improvement over the best tuned baseline (positive: learned is better).
+"""
+
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from lo_tf import io_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_COLORS = {'adam': 'tab:blue', 'rmsprop': 'tab:green', 'sgdm': 'tab:orange'}
+
+
+def figure1(summaries, records, learned_name, output_dir):
+  """Writes the Fig. 1 PNGs; returns {name: path} of what was written.
+
+  Args:
+    summaries: per task, {optimizer label: `lo_tf.evaluation.Summary`} (labels 'adam@train', ...).
+    records: per-task result records (for improvements and chosen rates).
+    learned_name: label of the learned optimizer in `summaries`, or None.
+    output_dir: destination directory.
+  """
+  paths = {}
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+  first = summaries[0]
+  for row, metric in enumerate(('train', 'valid')):
+    labels = [f'{n}@{metric}' for n in _COLORS] + ([learned_name] if learned_name else [])
+    for col, xaxis in enumerate(('steps', 'seconds')):
+      ax = axes[row, col]
+      for label in labels:
+        s = first[label]
+        name = label.split('@')[0]
+        color = _COLORS.get(name, 'tab:red')
+        if metric == 'train':
+          y = s.train
+          x = np.arange(1, len(y) + 1) if xaxis == 'steps' else s.seconds
+        else:
+          y = s.valid
+          x = s.eval_steps if xaxis == 'steps' else s.eval_seconds
+        lr = records[0].get(name, {}).get(f'best_lr_{metric}')
+        text = f'{name} (lr {lr:.3g})' if lr is not None else name
+        ax.plot(x, y, color=color, label=text, lw=2 if name == learned_name else 1.2)
+        lo, hi = s.band[metric]
+        ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+        best = s.best(metric)
+        if np.isfinite(best):
+          ax.axhline(best, color=color, ls='--', lw=0.8)
+      ax.set_xlabel('inner steps' if xaxis == 'steps' else 'wall-clock seconds (training only)')
+      ax.set_ylabel('train loss (smoothed minibatch)' if metric == 'train' else
+                    'test loss (inner-valid)')
+      ax.set_yscale('log')
+      ax.grid(alpha=0.3)
+  axes[0, 0].legend(fontsize=8)
+  fig.suptitle(f'Held-out task 0 (classes {records[0]["class_names"][:5]}...), median and '
+               '25/75 percentiles over inits')
+  paths['fig1ab_curves'] = os.path.join(output_dir, 'fig1ab_curves.png')
+  io_utils.atomic_savefig(fig, paths['fig1ab_curves'])
+  plt.close(fig)
+  if learned_name:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric, color in (('train', 'tab:blue'), ('valid', 'tab:red')):
+      imp = np.array([r[f'improvement_{metric}'] for r in records])
+      imp = imp[np.isfinite(imp)]
+      if imp.size:
+        ax.hist(imp, bins=min(20, max(5, imp.size)), alpha=0.5, color=color,
+                label=f'{metric} loss: {np.mean(imp > 0):.0%} of tasks better')
+    ax.axvline(0, color='k', lw=0.8)
+    ax.set_xlabel('loss improvement over the best tuned baseline (positive: learned better)')
+    ax.set_ylabel('tasks')
+    ax.legend(fontsize=8)
+    paths['fig1c_improvement'] = os.path.join(output_dir, 'fig1c_improvement.png')
+    io_utils.atomic_savefig(fig, paths['fig1c_improvement'])
+    plt.close(fig)
+  return paths

@@ -1,0 +1,196 @@
+"""Class-split task distributions of K-way image classification (paper §4.2).
+
+The paper splits ImageNet's 1,000 classes into 700 outer-train and 300 outer-test classes and samples
+each task as 10 classes drawn at random with all their images. Here a `TaskDistribution` splits a
+source's classes by a seeded fraction, or takes two sources whose classes are disjoint by
+construction (Omniglot ``images_background_small1`` vs ``small2``). A task is a pure function of its
+(split, seed): the same seed gives the same classes, images and inner-train/inner-valid split.
+"""
+
+import dataclasses
+import functools
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from lo_tf.data.sources import load_source
+from lo_tf.errors import UserError
+
+OUTER_TRAIN = 'outer_train'
+OUTER_TEST = 'outer_test'
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One K-way classification inner problem's data, already preprocessed.
+
+  Attributes:
+    x_train: float32 [K * n_train, H, W, C] inner-train images in [0, 1].
+    y_train: int32 [K * n_train] labels in [0, K).
+    x_valid: float32 [K * n_valid, H, W, C] inner-valid images.
+    y_valid: int32 [K * n_valid].
+    classes: int64 [K] class ids in the source the task was drawn from.
+    class_names: K strings.
+    split: OUTER_TRAIN or OUTER_TEST.
+    seed: the integer seed the task is a pure function of.
+  """
+  x_train: tf.Tensor
+  y_train: tf.Tensor
+  x_valid: tf.Tensor
+  y_valid: tf.Tensor
+  classes: np.ndarray
+  class_names: tuple
+  split: str
+  seed: int
+
+  @property
+  def data(self):
+    """(x_train, y_train, x_valid, y_valid): the tensors the in-graph loops take."""
+    return (self.x_train, self.y_train, self.x_valid, self.y_valid)
+
+
+def _preprocess(images, image_size, channels):
+  """uint8 [N,H,W,C] -> uint8 [N,h,w,c]: resize (area averaging) and convert channels.
+
+  Stays uint8 so that large sources (ImageNet 32x32: 1.28M images) fit in memory; tasks are
+  converted to float32 one at a time.
+  """
+  x = tf.convert_to_tensor(images)
+  if channels not in (None, 1, 3):
+    raise UserError(f'channels={channels} is not supported; use 1 (grayscale) or 3 (RGB)')
+  if channels == 1 and x.shape[-1] == 3:
+    x = tf.image.rgb_to_grayscale(x)
+  elif channels == 3 and x.shape[-1] == 1:
+    x = tf.image.grayscale_to_rgb(x)
+  if image_size is not None and tuple(x.shape[1:3]) != tuple(image_size):
+    out = []
+    for start in range(0, x.shape[0], 4096):  # chunks bound the float32 working memory
+      chunk = tf.image.resize(tf.cast(x[start:start + 4096], tf.float32), image_size,
+                              method='area', antialias=True)
+      out.append(tf.cast(tf.round(tf.clip_by_value(chunk, 0, 255)), tf.uint8))
+    x = tf.concat(out, 0)
+  return x.numpy()
+
+
+@gin.configurable
+class TaskDistribution:
+  """Outer-train / outer-test distributions of K-way classification tasks (paper §4.2).
+
+  Args:
+    train_source: source spec (see `lo_tf.data.sources`) of the outer-train classes; also of the
+      outer-test classes when `test_source` is None.
+    test_source: source spec of the outer-test classes, or None to split `train_source`'s classes.
+    outer_train_fraction: with one source, the fraction of its classes that is outer-train (paper:
+      700/1000 = 0.7); the rest is outer-test. The split is a permutation seeded by `split_seed`.
+    num_classes: K, the classes per task (paper: 10).
+    image_size: (height, width) the images are resized to, or None to keep them.
+    channels: 1 (grayscale) or 3 (RGB), or None to keep the source's.
+    valid_fraction: fraction of each class's images that is inner-valid (the rest inner-train).
+    examples_per_class: images used per class (None: the smallest class count over both splits),
+      so every task has the same tensor shapes and the in-graph loops never retrace.
+    split_seed: seed of the class split.
+
+  Raises:
+    UserError: for an unloadable source, a split with fewer than K classes, the same source given
+      for both splits, or classes too small to split into inner-train and inner-valid.
+  """
+
+  def __init__(self, train_source='digits', test_source=None, outer_train_fraction=0.7,
+               num_classes=10, image_size=None, channels=None, valid_fraction=0.25,
+               examples_per_class=None, split_seed=0):
+    if not 0 < valid_fraction < 1:
+      raise UserError(f'valid_fraction={valid_fraction} must be in (0, 1)')
+    if num_classes < 2:
+      raise UserError(f'num_classes={num_classes}: a task needs K >= 2 classes')
+    self.num_classes = int(num_classes)
+    self.valid_fraction = float(valid_fraction)
+    self.train_spec, self.test_spec = train_source, test_source
+    if test_source is not None and test_source == train_source:
+      raise UserError(f'train_source and test_source are both {train_source!r}, so outer-train '
+                      'and outer-test classes would overlap; omit test_source to split by fraction')
+    sources = [load_source(train_source)]
+    if test_source is not None:
+      sources.append(load_source(test_source))
+    self._images = [_preprocess(s.images, image_size, channels) for s in sources]
+    shapes = {im.shape[1:] for im in self._images}
+    if len(shapes) != 1:
+      raise UserError(f'outer-train images are {self._images[0].shape[1:]} but outer-test images '
+                      f'are {self._images[1].shape[1:]}; set TaskDistribution.image_size and '
+                      'channels so both sources match')
+    self.image_shape = tuple(int(d) for d in self._images[0].shape[1:])
+    self._sources = sources
+    if test_source is None:
+      if not 0 < outer_train_fraction < 1:
+        raise UserError(f'outer_train_fraction={outer_train_fraction} must be in (0, 1)')
+      perm = np.random.default_rng(split_seed).permutation(sources[0].num_classes)
+      n_train = int(round(outer_train_fraction * sources[0].num_classes))
+      self._classes = {OUTER_TRAIN: (0, np.sort(perm[:n_train])),
+                       OUTER_TEST: (0, np.sort(perm[n_train:]))}
+    else:
+      self._classes = {OUTER_TRAIN: (0, np.arange(sources[0].num_classes)),
+                       OUTER_TEST: (1, np.arange(sources[1].num_classes))}
+    self._members = [[np.flatnonzero(s.labels == c) for c in range(s.num_classes)]
+                     for s in sources]
+    for split, (src, classes) in self._classes.items():
+      if len(classes) < self.num_classes:
+        raise UserError(f'the {split} split of {sources[src].spec!r} has {len(classes)} classes, '
+                        f'fewer than K={self.num_classes}; lower num_classes or use more classes')
+    counts = [len(self._members[src][c]) for src, classes in self._classes.values()
+              for c in classes]
+    smallest = min(counts)
+    self.examples_per_class = int(examples_per_class or smallest)
+    if self.examples_per_class > smallest:
+      raise UserError(f'examples_per_class={examples_per_class} but the smallest class has '
+                      f'{smallest} images; lower it or leave it None')
+    self.n_valid = int(round(self.valid_fraction * self.examples_per_class))
+    self.n_train = self.examples_per_class - self.n_valid
+    if self.n_valid < 1 or self.n_train < 1:
+      raise UserError(f'a class with {self.examples_per_class} images cannot be split into '
+                      f'inner-train and inner-valid at valid_fraction={self.valid_fraction}; '
+                      'use classes with at least 2 images or change valid_fraction')
+
+  def classes(self, split):
+    """Class ids (int64 [C_split]) of `split` in its source. Raises UserError for unknown splits."""
+    return self._split(split)[1]
+
+  def source(self, split):
+    """The `Source` that `split`'s classes come from."""
+    return self._sources[self._split(split)[0]]
+
+  def _split(self, split):
+    if split not in self._classes:
+      raise UserError(f'unknown split {split!r}; use {OUTER_TRAIN!r} or {OUTER_TEST!r}')
+    return self._classes[split]
+
+  @functools.lru_cache(maxsize=64)
+  def sample_task(self, split, seed):
+    """Samples the K-way task of `split` determined by `seed` (paper §4.2).
+
+    Args:
+      split: OUTER_TRAIN or OUTER_TEST.
+      seed: non-negative int; the task is a pure function of (split, seed).
+
+    Returns:
+      A `Task` with x_train float32 [K*n_train, H, W, C] and x_valid float32 [K*n_valid, H, W, C].
+    """
+    src, classes = self._split(split)
+    rng = np.random.default_rng([int(seed), 0 if split == OUTER_TRAIN else 1])
+    chosen = rng.choice(classes, size=self.num_classes, replace=False)
+    train_idx, valid_idx = [], []
+    for c in chosen:
+      idx = rng.permutation(self._members[src][c])[:self.examples_per_class]
+      valid_idx.append(idx[:self.n_valid])
+      train_idx.append(idx[self.n_valid:])
+    images = self._images[src]
+
+    def tensors(groups):
+      x = np.concatenate([images[g] for g in groups]).astype(np.float32) / 255.0
+      y = np.concatenate([np.full(len(g), k, np.int32) for k, g in enumerate(groups)])
+      return tf.constant(x), tf.constant(y)
+
+    x_train, y_train = tensors(train_idx)
+    x_valid, y_valid = tensors(valid_idx)
+    names = tuple(self._sources[src].class_names[c] for c in chosen)
+    return Task(x_train, y_train, x_valid, y_valid, chosen.astype(np.int64), names, split,
+                int(seed))
