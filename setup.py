@@ -19,6 +19,7 @@ setup(
     install_requires=[
         # The plain wheel runs on CPU; GPU users install tensorflow[and-cuda] on top.
         'tensorflow>=2.16,<2.22',
+        'tensorboard>=2.16,<3',  # tf.summary needs it; recent TF wheels no longer pull it in
         'tensorflow-datasets>=4.9,<5',
         'numpy>=1.26,<3',
         'absl-py>=2.0,<3',

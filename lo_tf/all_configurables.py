@@ -8,3 +8,5 @@ from lo_tf.learned_optimizers import mlp_lopt
 from lo_tf.optimizers import hand_designed
 from lo_tf.tasks import distribution
 from lo_tf.tasks import problems
+from lo_tf.outer_trainers import curriculum
+from lo_tf.outer_trainers import trainer

@@ -32,7 +32,8 @@ class InnerCurves:
     eval_seconds: float64 [E] training seconds spent by those steps.
     valid_loss, valid_acc: float32 [E] on the whole inner-valid set.
     train_eval_loss, train_eval_acc: float32 [E] on (up to `eval_max_examples` of) inner-train.
-    steps_completed: steps run before stopping (T unless diverged).
+    steps_completed: steps run, the diverging step included (T when no divergence, or when the
+      last step diverged).
     diverged: True if the loss became non-finite.
   """
   train_loss: np.ndarray
@@ -109,7 +110,9 @@ class InnerTrainer:
         new_params, new_state = opt.update(grads, state, params)
         with tf.control_dependencies(tf.nest.flatten(new_params)):
           elapsed = elapsed + (tf.timestamp() - start)
-        diverged = tf.logical_not(tf.math.is_finite(loss))
+        # Non-finite weights after the update count too (a blow-up in the last step).
+        diverged = tf.logical_not(tf.math.is_finite(
+            loss + tf.add_n([tf.reduce_sum(p) for p in new_params]) * 0.0))
         losses = losses.write(i, loss)
         secs = secs.write(i, elapsed)
         evals = tf.cond(

@@ -119,3 +119,32 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
   return {'device': device, 'machine': platform.processor() or platform.machine(),
           'batch_size': batch_size, 'image_size': list(image_size), 'steps': steps,
           'results': results, 'ratios': ratios}
+
+
+def run_benchmark_cli(batch_size, image_size, steps, repeats, device, names, json_out):
+  """`bin/speed_benchmark`: validates flag values, runs `benchmark`, prints a table, writes JSON.
+
+  Raises:
+    UserError: for malformed sizes or an unwritable --json_out.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from lo_tf import io_utils  # pylint: disable=g-import-not-at-top
+  try:
+    shape = tuple(int(v) for v in image_size)
+  except ValueError:
+    raise UserError(f'--image_size={",".join(image_size)} must be three integers H,W,C') from None
+  if json_out:
+    io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(json_out)))
+  result = benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
+                     device=device, names=tuple(names))
+  print(f'{"optimizer":<10} {"batches/s (median)":>19}  runs')
+  for name, r in result['results'].items():
+    runs = ' '.join(f'{v:.1f}' for v in r['runs'])
+    print(f'{name:<10} {r["batches_per_sec_median"]:>19.1f}  {runs}')
+  for name, ratio in result['ratios'].items():
+    print(f'ratio {name}: {ratio:.3f}')
+  if json_out:
+    io_utils.atomic_write_json(json_out, result)
+    print(f'wrote {json_out}')
+  return result

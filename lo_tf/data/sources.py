@@ -119,8 +119,8 @@ def _load_npz(spec, pattern):
         elif {'data', 'labels'} <= keys:
           # Downsampled ImageNet: rows are channel-first flattened S x S x 3 images, labels 1..1000.
           data, labels = z['data'], np.asarray(z['labels']) - 1
-          side = int(round(np.sqrt(data.shape[1] / 3)))
-          if data.ndim != 2 or 3 * side * side != data.shape[1]:
+          side = int(round(np.sqrt(data.shape[1] / 3))) if data.ndim == 2 else 0
+          if data.ndim != 2 or side == 0 or 3 * side * side != data.shape[1]:
             raise UserError(f'source {spec!r}: {f} has data of shape {data.shape}, expected '
                             '[N, 3*S*S] as in Imagenet32_train_npz')
           images = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)

@@ -57,6 +57,10 @@ class MLPLOpt:
                num_time_scales=9, time_scale_range=(3.0, 3e5), lambda_exp=1e-3,
                lambda_lin=1e-3, epsilon=1e-8, use_momentum=True, use_rms=True, use_time=True,
                jit_compile=True):
+    self._config = dict(hidden_size=hidden_size, decays=list(decays),
+                        num_time_scales=num_time_scales, time_scale_range=list(time_scale_range),
+                        lambda_exp=lambda_exp, lambda_lin=lambda_lin, epsilon=epsilon,
+                        use_momentum=use_momentum, use_rms=use_rms, use_time=use_time)
     self.hidden_size = int(hidden_size)
     self.decays = tuple(float(d) for d in decays)
     self.time_scales = tuple(np.logspace(np.log10(time_scale_range[0]),
@@ -65,6 +69,10 @@ class MLPLOpt:
     self.use_momentum, self.use_rms, self.use_time = use_momentum, use_rms, use_time
     # XLA fuses the ~40 elementwise ops of a step into a few kernels (App. F's overhead).
     self._step = tf.function(self.step, jit_compile=True) if jit_compile else self.step
+
+  def config(self):
+    """JSON-able constructor arguments (without `jit_compile`): `MLPLOpt(**config())` rebuilds it."""
+    return dict(self._config)
 
   @property
   def num_weight_features(self):
@@ -107,25 +115,41 @@ class MLPLOpt:
     sizes = [math.prod(s) for s in self._shapes()]
     return [tf.reshape(p, s) for p, s in zip(tf.split(theta, sizes), self._shapes())]
 
-  def step(self, theta, grads, params, t, m, v):
-    """One learned-optimizer step on every inner weight tensor (App. C.1).
-
-    Features are normalized per weight tensor by their root-mean-square over its elements; the
-    scale is folded into the first-layer weights of that tensor, which costs one [n, F] x [F, 32]
-    product per tensor and no per-element rescaling.
+  def step(self, theta, g, w, t, m, v, sizes):
+    """One learned-optimizer step on all N inner weights, flattened (App. C.1).
 
     Args:
       theta: float32 [num_meta_params].
-      grads, params: lists of float32 tensors of matching shapes (the inner gradients, weights).
+      g, w: float32 [N] gradients and weights of all weight tensors, concatenated.
       t: float32 scalar, steps taken so far.
-      m, v: lists of float32 [n_i, len(decays)] gradient and squared-gradient EMAs of each tensor
-        ([n_i, 0] when unused).
+      m, v: float32 [N, len(decays)] gradient and squared-gradient EMAs ([N, 0] when unused).
+      sizes: tuple of Python ints, the element counts of the weight tensors (sum N), in order:
+        the features are normalized over each tensor's elements.
 
     Returns:
-      (new params list, t + 1, new m list, new v list).
+      (new w [N], t + 1, new m, new v).
     """
     t = t + 1.0
     decays = tf.constant(self.decays)
+    g, w = g[:, None], w[:, None]
+    features = [g, w]
+    if self.use_momentum:
+      m = decays * m + (1 - decays) * g
+      features.append(m)
+    if self.use_rms:
+      v = decays * v + (1 - decays) * tf.square(g)
+      rms = tf.sqrt(v + self.epsilon**2)
+      r = 1.0 / (rms + self.epsilon)
+      features += [rms, r]
+      if self.use_momentum:
+        features.append(r * m)
+    x = tf.concat(features, 1)  # [N, num_weight_features]
+    # Per-tensor second moments by two small matrix products with the [N, num_tensors] one-hot
+    # membership matrix: few, dense, differentiable ops instead of one set per tensor.
+    members = tf.constant(np.repeat(np.eye(len(sizes), dtype=np.float32), sizes, axis=0))
+    inv_counts = tf.constant(1.0 / np.asarray(sizes, np.float32))[:, None]
+    second_moment = tf.matmul(members, tf.square(x), transpose_a=True) * inv_counts
+    x = x * tf.matmul(members, tf.math.rsqrt(second_moment + _NORM_EPS))
     w1, b1, w2, b2 = self.unpack(theta)
     nw = self.num_weight_features
     bias = b1
@@ -133,53 +157,43 @@ class MLPLOpt:
       # Time features are the same for every weight: fold them into the bias once.
       tau = tf.tanh(t / tf.constant(self.time_scales, tf.float32) - 1.0)
       bias += tf.linalg.matvec(w1[nw:], tau, transpose_a=True)
-    new_params, new_m, new_v = [], [], []
-    for g, p, mi, vi in zip(grads, params, m, v):
-      g, w = tf.reshape(g, [-1, 1]), tf.reshape(p, [-1, 1])
-      features = [g, w]
-      if self.use_momentum:
-        mi = decays * mi + (1 - decays) * g
-        features.append(mi)
-      if self.use_rms:
-        vi = decays * vi + (1 - decays) * tf.square(g)
-        rms = tf.sqrt(vi + self.epsilon**2)
-        r = 1.0 / (rms + self.epsilon)
-        features += [rms, r]
-        if self.use_momentum:
-          features.append(r * mi)
-      x = tf.concat(features, 1)  # [n_i, num_weight_features]
-      scale = tf.math.rsqrt(tf.reduce_mean(tf.square(x), 0) + _NORM_EPS)
-      hidden = tf.nn.relu(tf.matmul(x, scale[:, None] * w1[:nw]) + bias)
-      out = tf.matmul(hidden, w2) + b2
-      log_scale = tf.minimum(self.lambda_exp * out[:, 0], _MAX_LOG_STEP)
-      step = tf.exp(log_scale) * self.lambda_lin * out[:, 1]
-      new_params.append(p - tf.reshape(step, p.shape))
-      new_m.append(mi)
-      new_v.append(vi)
-    return new_params, t, new_m, new_v
+    out = tf.matmul(tf.nn.relu(tf.matmul(x, w1[:nw]) + bias), w2) + b2
+    log_scale = tf.minimum(self.lambda_exp * out[:, 0], _MAX_LOG_STEP)
+    step = tf.exp(log_scale) * self.lambda_lin * out[:, 1]
+    return w[:, 0] - step, t, m, v
 
-  def optimizer(self, theta):
-    """The inner optimizer defined by θ (float32 [num_meta_params]); see `LearnedOptimizer`."""
-    return LearnedOptimizer(self, theta)
+  def optimizer(self, theta, compiled=True):
+    """The inner optimizer u(·; θ) for θ (float32 [num_meta_params]); see `LearnedOptimizer`.
+
+    Args:
+      theta: float32 [num_meta_params].
+      compiled: use the XLA-compiled step when the family has one; pass False inside a graph
+        that is XLA-compiled as a whole.
+    """
+    return LearnedOptimizer(self, theta, self._step if compiled else self.step)
 
 
 class LearnedOptimizer(Optimizer):
   """The inner optimizer u(·; θ) for one θ: an ordinary `Optimizer` (init/update).
 
-  State: (t float32 scalar, m, v) where m and v are lists with one float32 [n_i, 5] tensor per
-  inner weight tensor (n_i its element count): the gradient and squared-gradient EMAs at the 5
-  decays ([n_i, 0] when switched off).
+  State: (t float32 scalar, m float32 [N, 5], v float32 [N, 5]) for N inner weights in all (the
+  weight tensors flattened and concatenated): the gradient and squared-gradient EMAs at the 5
+  decays ([N, 0] when switched off).
   """
 
-  def __init__(self, family, theta):
+  def __init__(self, family, theta, step_fn):
     self.family = family
     self.theta = theta
+    self._step_fn = step_fn
 
   def init(self, params):
-    k = len(self.family.decays)
-    zeros = lambda on: [tf.zeros([math.prod(p.shape), k if on else 0]) for p in params]
-    return (tf.constant(0.0), zeros(self.family.use_momentum), zeros(self.family.use_rms))
+    n, k = sum(math.prod(p.shape) for p in params), len(self.family.decays)
+    return (tf.constant(0.0), tf.zeros([n, k if self.family.use_momentum else 0]),
+            tf.zeros([n, k if self.family.use_rms else 0]))
 
   def update(self, grads, state, params):
-    new_params, t, m, v = self.family._step(self.theta, grads, params, *state)
-    return new_params, (t, m, v)
+    shapes = [p.shape for p in params]
+    sizes = tuple(math.prod(s) for s in shapes)
+    flat = lambda xs: tf.concat([tf.reshape(x, [-1]) for x in xs], 0)
+    new_w, t, m, v = self._step_fn(self.theta, flat(grads), flat(params), *state, sizes=sizes)
+    return [tf.reshape(p, s) for p, s in zip(tf.split(new_w, sizes), shapes)], (t, m, v)

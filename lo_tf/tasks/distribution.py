@@ -9,7 +9,9 @@ construction (Omniglot ``images_background_small1`` vs ``small2``). A task is a 
 
 import dataclasses
 import functools
+import hashlib
 
+from absl import logging
 import gin
 import numpy as np
 import tensorflow as tf
@@ -73,6 +75,19 @@ def _preprocess(images, image_size, channels):
   return x.numpy()
 
 
+def _classes_not_in(source, other):
+  """Class ids of `source` that share no image (exact pixels) with `other`.
+
+  Two folders can hold the same classes (Omniglot's images_background_small1 and small2 both
+  contain the Greek and Latin alphabets): such classes must not count as held out. Names are not
+  compared: numeric label names ('0', '1', ...) coincide across unrelated datasets.
+  """
+  other_images = {hashlib.sha1(im.tobytes()).digest() for im in other.images}
+  shared = {int(label) for im, label in zip(source.images, source.labels)
+            if hashlib.sha1(im.tobytes()).digest() in other_images}
+  return np.array([c for c in range(source.num_classes) if c not in shared], np.int64)
+
+
 @gin.configurable
 class TaskDistribution:
   """Outer-train / outer-test distributions of K-way classification tasks (paper §4.2).
@@ -81,6 +96,8 @@ class TaskDistribution:
     train_source: source spec (see `lo_tf.data.sources`) of the outer-train classes; also of the
       outer-test classes when `test_source` is None.
     test_source: source spec of the outer-test classes, or None to split `train_source`'s classes.
+      Its classes that share any image with `train_source` are left out, so outer-test stays
+      held out.
     outer_train_fraction: with one source, the fraction of its classes that is outer-train (paper:
       700/1000 = 0.7); the rest is outer-test. The split is a permutation seeded by `split_seed`.
     num_classes: K, the classes per task (paper: 10).
@@ -106,6 +123,7 @@ class TaskDistribution:
     self.num_classes = int(num_classes)
     self.valid_fraction = float(valid_fraction)
     self.train_spec, self.test_spec = train_source, test_source
+    self.num_dropped_test_classes = 0
     if test_source is not None and test_source == train_source:
       raise UserError(f'train_source and test_source are both {train_source!r}, so outer-train '
                       'and outer-test classes would overlap; omit test_source to split by fraction')
@@ -128,8 +146,15 @@ class TaskDistribution:
       self._classes = {OUTER_TRAIN: (0, np.sort(perm[:n_train])),
                        OUTER_TEST: (0, np.sort(perm[n_train:]))}
     else:
+      test_classes = _classes_not_in(sources[1], sources[0])
+      self.num_dropped_test_classes = sources[1].num_classes - len(test_classes)
+      if self.num_dropped_test_classes:
+        logging.warning('%d of the %d classes of %s share images with %s; they are left out '
+                        'of outer-test to keep it held out',
+                        self.num_dropped_test_classes, sources[1].num_classes, test_source,
+                        train_source)
       self._classes = {OUTER_TRAIN: (0, np.arange(sources[0].num_classes)),
-                       OUTER_TEST: (1, np.arange(sources[1].num_classes))}
+                       OUTER_TEST: (1, test_classes)}
     self._members = [[np.flatnonzero(s.labels == c) for c in range(s.num_classes)]
                      for s in sources]
     for split, (src, classes) in self._classes.items():
@@ -163,7 +188,7 @@ class TaskDistribution:
       raise UserError(f'unknown split {split!r}; use {OUTER_TRAIN!r} or {OUTER_TEST!r}')
     return self._classes[split]
 
-  @functools.lru_cache(maxsize=64)
+  @functools.lru_cache(maxsize=32)
   def sample_task(self, split, seed):
     """Samples the K-way task of `split` determined by `seed` (paper §4.2).
 

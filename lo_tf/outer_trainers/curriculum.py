@@ -1,0 +1,49 @@
+"""Curriculum over the number of inner steps per truncation (paper §4.3, App. C.3)."""
+
+import gin
+
+from lo_tf.errors import UserError
+
+
+@gin.configurable
+class Curriculum:
+  """Unroll length k per truncation: linear from `start` to `end` over `num_outer_steps`.
+
+  The paper grows k from 50 to 10,000 over 5,000 outer-training updates and jitters each length by
+  a factor drawn uniformly from (1 - jitter, 1 + jitter) with jitter = 20% (App. C.3). A fixed
+  length (the ablations of Fig. 7: 10, 100, 1000) is `start == end` with `jitter=0`.
+
+  Args:
+    start: k at outer step 0 (inner steps).
+    end: k from outer step `num_outer_steps` on.
+    num_outer_steps: outer steps over which k grows linearly.
+    jitter: relative half-width of the uniform jitter.
+
+  Raises:
+    UserError: for non-positive lengths or a jitter outside [0, 1).
+  """
+
+  def __init__(self, start=50, end=10000, num_outer_steps=5000, jitter=0.2):
+    if start < 1 or end < 1 or num_outer_steps < 1:
+      raise UserError(f'Curriculum(start={start}, end={end}, num_outer_steps={num_outer_steps}) '
+                      'needs positive values')
+    if not 0 <= jitter < 1:
+      raise UserError(f'Curriculum.jitter={jitter} must be in [0, 1)')
+    self.start, self.end, self.num_outer_steps, self.jitter = start, end, num_outer_steps, jitter
+
+  def base_length(self, outer_step):
+    """The un-jittered k (float) at `outer_step`."""
+    frac = min(max(outer_step, 0) / self.num_outer_steps, 1.0)
+    return self.start + frac * (self.end - self.start)
+
+  def sample_length(self, outer_step, u):
+    """The jittered k (int >= 1) at `outer_step` for a uniform draw u in [0, 1).
+
+    k = round(base_length(outer_step) * (1 - jitter + 2 * jitter * u)).
+    """
+    factor = 1.0 - self.jitter + 2.0 * self.jitter * float(u)
+    return max(1, int(round(self.base_length(outer_step) * factor)))
+
+  def max_length(self):
+    """The longest k `sample_length` can return."""
+    return max(1, int(round(max(self.start, self.end) * (1 + self.jitter)))) + 1

@@ -1,0 +1,154 @@
+"""bin/eval and bin/speed_benchmark as subprocesses: exit status 2 with one 'error:' line.
+
+Each subprocess pays ~5 s of TensorFlow import, so every case is started at once by one
+module-scoped fixture and the tests only read their results.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+EVAL = os.path.join(REPO, 'bin', 'eval')
+SPEED = os.path.join(REPO, 'bin', 'speed_benchmark')
+QUICKSTART = os.path.join(REPO, 'gin', 'quickstart.gin')
+
+# TensorFlow's C++ log lines (I0000 00:00:...), absl's Python log lines (I1130 01:02:43.78 ...)
+# and absl's pre-init banner are not error lines.
+_LOG_LINE = re.compile(r'^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog)')
+
+
+def _cases(tmp):
+
+  def out(name):  # each eval case gets its own output directory
+    return '--output_dir=' + os.path.join(tmp, 'out_' + name)
+
+  a_file = os.path.join(tmp, 'regular_file')
+  with open(a_file, 'w') as f:
+    f.write('not a directory\n')
+  quick = ['--gin_file=' + QUICKSTART]
+  return {
+      # name: (argv, substrings the error line must contain)
+      'eval_missing_gin_file': (
+          [EVAL, '--gin_file=' + os.path.join(tmp, 'nope.gin'), out('eval_missing_gin_file')],
+          ['gin file', 'nope.gin', 'does not exist']),
+      'eval_unknown_binding': (
+          [EVAL, *quick, '--gin_bindings=Nope.x = 1', out('eval_unknown_binding')],
+          ['bad gin configuration', "'Nope'"]),
+      'eval_unknown_parameter': (
+          [EVAL, *quick, '--gin_bindings=InnerTrainer.nope = 3', out('eval_unknown_parameter')],
+          ['bad gin configuration', "'InnerTrainer'", "'nope'"]),
+      'eval_unknown_source_kind': (
+          [EVAL, *quick, '--test_source=foo:bar', out('eval_unknown_source_kind')],
+          ["'foo:bar'", 'unknown source']),
+      'eval_missing_source_folder': (
+          [EVAL, *quick, '--test_source=folder:' + os.path.join(tmp, 'no_such_dir'),
+           out('eval_missing_source_folder')],
+          ['no_such_dir', 'does not exist']),
+      'eval_unwritable_output_dir': (
+          [EVAL, *quick, '--output_dir=' + os.path.join(a_file, 'sub')],
+          ['output directory', 'regular_file', 'cannot be written']),
+      'eval_missing_output_dir_flag': (
+          [EVAL, *quick],
+          ['output_dir']),
+      'eval_positional_argument': (
+          [EVAL, *quick, out('eval_positional_argument'), 'stray'],
+          ['unexpected arguments', 'stray']),
+      'speed_negative_batch_size': (
+          [SPEED, '--batch_size=-4'],
+          ['batch_size=-4', 'positive']),
+      'speed_unknown_device': (
+          [SPEED, '--device=tpu'],
+          ['--device=tpu', 'cpu', 'gpu']),
+      'speed_happy_path': (
+          [SPEED, '--steps=3', '--repeats=1', '--batch_size=4', '--image_size=8,8,1',
+           '--json_out=' + os.path.join(tmp, 'speed', 'x.json')],
+          None),
+  }
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  tmp = str(tmp_path_factory.mktemp('cli'))
+  cases = _cases(tmp)
+  procs = {name: subprocess.Popen([sys.executable] + argv, cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+           for name, (argv, _) in cases.items()}
+  results = {}
+  try:
+    for name, p in procs.items():
+      out, err = p.communicate(timeout=240)
+      results[name] = (p.returncode, out, err)
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return tmp, cases, results
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.strip() and not _LOG_LINE.match(l)]
+
+
+ERROR_CASES = [
+    'eval_missing_gin_file', 'eval_unknown_binding', 'eval_unknown_parameter',
+    'eval_unknown_source_kind', 'eval_missing_source_folder', 'eval_unwritable_output_dir',
+    'eval_missing_output_dir_flag', 'eval_positional_argument', 'speed_negative_batch_size',
+    'speed_unknown_device',
+]
+
+
+@pytest.mark.parametrize('case', ERROR_CASES)
+def test_bad_input_exits_2_with_one_error_line(runs, case):
+  _, cases, results = runs
+  rc, _, err = results[case]
+  lines = _error_lines(err)
+  assert rc == 2, (rc, err[-2000:])
+  assert 'Traceback' not in err, err[-2000:]
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('error: '), lines
+  for part in cases[case][1]:
+    assert part in lines[0], (part, lines[0])
+
+
+@pytest.mark.parametrize('case', ['eval_missing_gin_file', 'eval_unknown_binding',
+                                  'eval_unknown_parameter'])
+def test_config_errors_write_nothing(runs, case):
+  tmp, _, results = runs
+  assert results[case][0] == 2
+  # Gin is parsed before the output directory is created.
+  assert not os.path.exists(os.path.join(tmp, 'out_' + case))
+
+
+def test_speed_benchmark_happy_path(runs):
+  tmp, _, results = runs
+  rc, out, err = results['speed_happy_path']
+  assert rc == 0, err[-2000:]
+  assert 'Traceback' not in err
+  with open(os.path.join(tmp, 'speed', 'x.json')) as f:
+    result = json.load(f)
+  assert result['device'] == 'cpu'
+  assert result['batch_size'] == 4
+  assert result['image_size'] == [8, 8, 1]
+  assert result['steps'] == 3
+  assert set(result['results']) == {'sgd', 'adam', 'learned'}
+  for name, r in result['results'].items():
+    assert len(r['runs']) == 1 and r['runs'][0] > 0, name
+    assert r['batches_per_sec_median'] == r['runs'][0]
+  med = {n: r['batches_per_sec_median'] for n, r in result['results'].items()}
+  assert set(result['ratios']) == {'adam/sgd', 'learned/adam', 'learned/sgd'}
+  for key, ratio in result['ratios'].items():
+    a, b = key.split('/')
+    assert ratio == pytest.approx(med[a] / med[b])
+  # The table on stdout names every optimizer and the file written.
+  for name in ('sgd', 'adam', 'learned'):
+    assert re.search(rf'^{name}\s+\d', out, re.M), out
+  assert 'wrote ' in out
+  # Atomic write: no temporary files left beside the JSON.
+  assert os.listdir(os.path.join(tmp, 'speed')) == ['x.json']
