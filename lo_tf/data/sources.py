@@ -104,7 +104,7 @@ def _load_folder(spec, path):
 
 
 def _load_npz(spec, pattern):
-  files = sorted(glob.glob(os.path.expanduser(pattern)))
+  files = sorted(glob.glob(pattern))
   if not files:
     raise UserError(f'source {spec!r}: no file matches {pattern!r}; pass a glob of .npz files')
   all_images, all_labels = [], []
@@ -168,13 +168,25 @@ def _load_tfds(spec, name, split, data_dir):
                   (lambda i: names[i]) if names else str, spec)
 
 
+def _resolve(path, data_root):
+  """`path` under `data_root` when relative and present there, else `path` as given."""
+  path = os.path.expanduser(path)
+  if data_root and not os.path.isabs(path):
+    rooted = os.path.join(os.path.expanduser(data_root), path)
+    if os.path.exists(rooted) or glob.glob(rooted) or not (os.path.exists(path) or glob.glob(path)):
+      return rooted
+  return path
+
+
 @gin.configurable(denylist=['spec'])
-def load_source(spec, tfds_data_dir=None):
+def load_source(spec, tfds_data_dir=None, data_root=None):
   """Loads an image-classification source from its spec string (see the module docstring).
 
   Args:
     spec: 'digits', 'folder:PATH', 'npz:GLOB' or 'tfds:NAME[:SPLIT]' (split defaults to 'train').
     tfds_data_dir: tensorflow-datasets data directory for ``tfds:`` specs (None: tfds default).
+    data_root: directory that relative ``folder:``/``npz:`` paths are looked up in first (gin
+      configs set it through a macro, e.g. ``OMNIGLOT_ROOT`` in gin/omniglot.gin).
 
   Returns:
     A `Source` with uint8 images [N, H, W, C] and int64 labels [N].
@@ -190,9 +202,9 @@ def load_source(spec, tfds_data_dir=None):
   if kind == 'digits' and not rest:
     return _load_digits(spec)
   if kind == 'folder' and rest:
-    return _load_folder(spec, os.path.expanduser(rest))
+    return _load_folder(spec, _resolve(rest, data_root))
   if kind == 'npz' and rest:
-    return _load_npz(spec, rest)
+    return _load_npz(spec, _resolve(rest, data_root))
   if kind == 'tfds' and rest:
     # Dataset names may hold a '/' config (imagenet_resized/32x32) but never a ':'.
     name, _, split = rest.partition(':')
