@@ -1,8 +1,6 @@
 """lo_tf: learned optimizers in TensorFlow 2 (Metz et al., 'Understanding and correcting
 pathologies in the training of learned optimizers')."""
 
-import glob
-
 from setuptools import find_packages
 from setuptools import setup
 
@@ -14,7 +12,6 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['lo_tf', 'lo_tf.*']),
     package_data={'lo_tf': ['pretrained/*.json', 'pretrained/*.npz']},
-    scripts=sorted(glob.glob('bin/*')),
     python_requires='>=3.10',
     install_requires=[
         # The plain wheel runs on CPU; GPU users install tensorflow[and-cuda] on top.

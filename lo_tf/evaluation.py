@@ -96,6 +96,65 @@ def summarize(curves_list, window):
                        'valid': (pct(valid, 25), pct(valid, 75))})
 
 
+def select_best(summaries, metric):
+  """Index of the best of `summaries` by the §4.4 tuning target for `metric` (ties: first).
+
+  Diverged or never-finite runs score inf and so are never chosen over a finite one.
+  """
+  scores = [s.selection_score(metric) for s in summaries]
+  return int(np.argmin(scores))
+
+
+def compare(baseline, learned, metric):
+  """Learned optimizer vs the best baseline on one task (Fig. 1c, §4.4).
+
+  Args:
+    baseline, learned: `Summary` of each.
+    metric: 'train' or 'valid'.
+
+  Returns:
+    dict: improvement (baseline best loss - learned best loss; positive = learned better),
+    speedup_steps and speedup_wallclock (steps and seconds the baseline needs to reach its own
+    best loss, divided by the learned optimizer's steps and seconds to reach that loss; 0 when the
+    learned optimizer never reaches it).
+  """
+  target = baseline.best(metric)
+  b_steps, b_secs = baseline.time_to(metric, target)
+  l_steps, l_secs = learned.time_to(metric, target)
+  reached = l_steps is not None and b_steps is not None
+  return {'improvement': target - learned.best(metric),
+          'speedup_steps': b_steps / max(l_steps, 1) if reached else 0.0,
+          'speedup_wallclock': b_secs / max(l_secs, 1e-9) if reached else 0.0}
+
+
+def summarize_tasks(records, with_learned):
+  """The `summary` block of results.json from per-task records.
+
+  Args:
+    records: per-task dicts with 'best_baseline_<metric>' and, with a learned optimizer,
+      'improvement_<metric>', 'speedup_steps_<metric>', 'speedup_wallclock_<metric>'.
+    with_learned: whether a learned optimizer was evaluated.
+
+  Returns:
+    dict with num_tasks, best_baseline_counts_<metric> and, with a learned optimizer,
+    win_rate_<metric> (fraction of tasks with positive improvement), median_improvement_<metric>
+    and median speedup_steps_/speedup_wallclock_<metric> over tasks.
+  """
+  summary = {'num_tasks': len(records)}
+  for metric in METRICS:
+    names = [r[f'best_baseline_{metric}']['name'] for r in records]
+    summary[f'best_baseline_counts_{metric}'] = {n: names.count(n) for n in BASELINE_NAMES}
+  if with_learned:
+    for metric in METRICS:
+      imp = np.array([r[f'improvement_{metric}'] for r in records])
+      summary[f'win_rate_{metric}'] = float(np.mean(imp > 0))
+      summary[f'median_improvement_{metric}'] = float(np.median(imp))
+      for kind in ('steps', 'wallclock'):
+        key = f'speedup_{kind}_{metric}'
+        summary[key] = float(np.median([r[key] for r in records]))
+  return summary
+
+
 class CurveCache:
   """On-disk cache of `InnerCurves`, one .npz per run, written atomically."""
 
@@ -169,16 +228,13 @@ class Evaluator:
     chosen = {}  # metric -> (score, name, lr)
     for name in BASELINE_NAMES:
       family = BASELINES[name]
-      grid = []
-      for lr in self.grid:
-        s = summarize([self._run(name, family, lr, task, 0, f'{lr:.3g}')], self.window)
-        grid.append({'learning_rate': float(lr), 'final_train': s.final('train'),
-                     'best_train': s.best('train'), 'best_valid': s.best('valid'),
-                     'diverged': s.diverged, '_summary': s})
-      entry = {'grid': grid}
+      tuning = [summarize([self._run(name, family, lr, task, 0, f'{lr:.3g}')], self.window)
+                for lr in self.grid]
+      entry = {'grid': [{'learning_rate': float(lr), 'final_train': s.final('train'),
+                         'best_train': s.best('train'), 'best_valid': s.best('valid'),
+                         'diverged': s.diverged} for lr, s in zip(self.grid, tuning)]}
       for metric in METRICS:
-        best = min(grid, key=lambda g, m=metric: g['_summary'].selection_score(m))
-        lr = best['learning_rate']
+        lr = float(self.grid[select_best(tuning, metric)])
         entry[f'best_lr_{metric}'] = lr
         runs = [self._run(name, family, lr, task, i, f'{lr:.3g}') for i in range(self.num_inits)]
         s = summarize(runs, self.window)
@@ -187,8 +243,6 @@ class Evaluator:
         score = s.selection_score(metric)
         if metric not in chosen or score < chosen[metric][0]:
           chosen[metric] = (score, name, lr)
-      for g in grid:
-        del g['_summary']
       record[name] = entry
     for metric in METRICS:
       _, name, lr = chosen[metric]
@@ -202,13 +256,8 @@ class Evaluator:
       record[lname] = self._describe(s)
       for metric in METRICS:
         base = record['optimizers'][f'{record[f"best_baseline_{metric}"]["name"]}@{metric}']
-        target = base.best(metric)
-        record[f'improvement_{metric}'] = target - s.best(metric)
-        b_steps, b_secs = base.time_to(metric, target)
-        l_steps, l_secs = s.time_to(metric, target)
-        reached = l_steps is not None and b_steps is not None
-        record[f'speedup_steps_{metric}'] = (b_steps / max(l_steps, 1)) if reached else 0.0
-        record[f'speedup_wallclock_{metric}'] = (b_secs / max(l_secs, 1e-9)) if reached else 0.0
+        for key, value in compare(base, s, metric).items():
+          record[f'{key}_{metric}'] = value
     return record
 
   @staticmethod
@@ -239,6 +288,7 @@ class Evaluator:
     summaries = [r.pop('optimizers') for r in records]
     results = {'summary': self._summary(records, time.time() - start), 'tasks': records,
                'config': {'fingerprint': self._fingerprint, 'num_inits': self.num_inits,
+                          'learned_optimizer': self.learned[0] if self.learned else None,
                           'grid': self.grid.tolist(),
                           'num_steps': self.exp.trainer.num_steps,
                           'test_source': self.exp.tasks.test_spec or self.exp.tasks.train_spec}}
@@ -249,21 +299,8 @@ class Evaluator:
     return results
 
   def _summary(self, records, wall_seconds):
-    summary = {'num_tasks': len(records), 'num_inits': self.num_inits,
-               'wall_seconds': wall_seconds,
-               'runs': self._runs_done, 'cached_runs': self.cache.hits}
-    for metric in METRICS:
-      names = [r[f'best_baseline_{metric}']['name'] for r in records]
-      summary[f'best_baseline_counts_{metric}'] = {n: names.count(n) for n in BASELINE_NAMES}
-    if self.learned is not None:
-      for metric in METRICS:
-        imp = np.array([r[f'improvement_{metric}'] for r in records])
-        summary[f'win_rate_{metric}'] = float(np.mean(imp > 0))
-        summary[f'median_improvement_{metric}'] = float(np.median(imp))
-      for key in ('speedup_steps_train', 'speedup_wallclock_train', 'speedup_steps_valid',
-                  'speedup_wallclock_valid'):
-        summary[key] = float(np.median([r[key] for r in records]))
-    return summary
+    return dict(summarize_tasks(records, self.learned is not None), num_inits=self.num_inits,
+                wall_seconds=wall_seconds, runs=self._runs_done, cached_runs=self.cache.hits)
 
 
 def load_results(path):
@@ -284,11 +321,12 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
   extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
   cli.parse_gin(gin_files, gin_bindings, extra)
   io_utils.ensure_writable_dir(output_dir)
-  experiment = build_experiment()
   learned = None
   if checkpoint:
     from lo_tf import checkpoints  # pylint: disable=g-import-not-at-top
-    learned = checkpoints.load_learned_optimizer(checkpoint)
+    name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
+    learned = (name, family, theta)
+  experiment = build_experiment()
   results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
                       learned=learned).run()
   print(json.dumps(results['summary'], indent=2))

@@ -119,6 +119,7 @@ class OuterTrainer:
     self.outer_optimizer = keras.optimizers.Adam(learning_rate=lr, beta_1=beta_1)
     self.outer_optimizer.build([self.theta])
     self.step = tf.Variable(0, dtype=tf.int64, name='outer_step')
+    self.wall_seconds = tf.Variable(0.0, dtype=tf.float64, name='wall_seconds')
     self.rng = tf.random.Generator.from_seed(seed)
     # Every worker's inner state (weights and optimizer state), one [S, ...] variable per leaf.
     params = experiment.problem.init(tf.constant([0, 0]))
@@ -130,7 +131,8 @@ class OuterTrainer:
     self.inner = {f'inner_state_{i}': v for i, v in enumerate(self.inner_state)}
     self.inner.update(inner_step=self.inner_step, task_seed=self.task_seed)
     self.checkpoint = tf.train.Checkpoint(theta=self.theta, outer_optimizer=self.outer_optimizer,
-                                          step=self.step, rng=self.rng, **self.inner)
+                                          step=self.step, wall_seconds=self.wall_seconds,
+                                          rng=self.rng, **self.inner)
     self.manager = tf.train.CheckpointManager(self.checkpoint, self.train_dir,
                                               max_to_keep=keep_checkpoints)
     self._writer = tf.summary.create_file_writer(os.path.join(self.train_dir, 'summaries'))
@@ -309,6 +311,7 @@ class OuterTrainer:
         t0 = time.perf_counter()
         stats = self.outer_step(pool)
         step_seconds = time.perf_counter() - t0
+        self.wall_seconds.assign_add(step_seconds)
         step = int(self.step)
         if step > first + 1:  # the first step includes tracing and XLA compilation
           unrolled += stats['unrolled_steps']
@@ -333,6 +336,7 @@ class OuterTrainer:
       self.manager.save(checkpoint_number=int(self.step))
     result = {'outer_steps': int(self.step), 'outer_steps_this_run': int(self.step) - first,
               'wall_seconds_this_run': time.perf_counter() - run_start,
+              'wall_seconds_total': float(self.wall_seconds), 'git_revision': git_revision(),
               'machine': platform.processor() or platform.machine(),
               'cpu_count': os.cpu_count()}
     if unrolled:
@@ -350,6 +354,16 @@ class OuterTrainer:
                    result['unrolled_over_adam'])
       io_utils.atomic_write_json(os.path.join(self.train_dir, THROUGHPUT), result)
     return result
+
+
+def git_revision():
+  """The git revision of this lo_tf checkout, or "unknown"."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
 
 
 def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test_source=None,

@@ -1,0 +1,166 @@
+"""Evaluation against tuned baselines (paper §4.4, Fig. 1) and shipped optimizers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from lo_tf import checkpoints
+from lo_tf import evaluation
+from lo_tf.errors import UserError
+from lo_tf.evaluation import Summary
+from lo_tf.experiment import Experiment
+from lo_tf.inner_training import InnerTrainer
+from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
+from lo_tf.tasks.distribution import TaskDistribution
+from lo_tf.tasks.problems import ConvNet
+
+
+def _summary(train, valid=None, seconds_per_step=1.0, eval_every=1):
+  train = np.asarray(train, float)
+  valid = np.asarray(train[::eval_every] if valid is None else valid, float)
+  steps = np.arange(len(valid)) * eval_every
+  secs = np.arange(1, len(train) + 1) * seconds_per_step
+  return Summary(train=train, seconds=secs, valid=valid, eval_steps=steps,
+                 eval_seconds=steps * seconds_per_step, diverged=not np.isfinite(train).all(),
+                 band={'train': (train, train), 'valid': (valid, valid)})
+
+
+def test_best_rate_selection_by_target_metric():
+  curves = [
+      _summary([2.0, 1.5, 1.2], valid=[2.0, 0.9, 1.4]),   # best valid (0.9), mediocre final train
+      _summary([2.0, 1.0, 0.5], valid=[2.0, 1.1, 1.0]),   # best final train (0.5)
+      _summary([2.0, np.nan, np.nan], valid=[2.0, np.nan, np.nan]),  # diverged
+      _summary([2.0, 0.1, 0.6], valid=[2.0, 1.0, 1.2]),   # lowest train once, not at the end
+  ]
+  assert evaluation.select_best(curves, 'train') == 1  # final-window train loss
+  assert evaluation.select_best(curves, 'valid') == 0  # lowest valid loss
+  assert evaluation.select_best([curves[2], curves[0]], 'train') == 1  # divergence never wins
+
+
+def test_improvement_and_speedups_with_known_answers():
+  baseline = _summary([1.0, 0.8, 0.6, 0.5, 0.4], seconds_per_step=1.0)  # best 0.4 at step 5
+  learned = _summary([0.9, 0.4, 0.3, 0.2, 0.1], seconds_per_step=2.0)  # reaches 0.4 at step 2
+  out = evaluation.compare(baseline, learned, 'train')
+  assert out['improvement'] == pytest.approx(0.3)
+  assert out['speedup_steps'] == pytest.approx(5 / 2)
+  assert out['speedup_wallclock'] == pytest.approx(5.0 / 4.0)
+  worse = _summary([1.0, 0.9, 0.8, 0.7, 0.6])
+  out = evaluation.compare(baseline, worse, 'train')
+  assert out['improvement'] == pytest.approx(-0.2) and out['speedup_steps'] == 0.0
+  # Valid: eval points every 2 steps; baseline best 0.5 at step 4 (4 s), learned at step 2 (2 s).
+  b = _summary([1] * 5, valid=[1.0, 0.7, 0.5], eval_every=2)
+  l = _summary([1] * 5, valid=[1.0, 0.45, 0.3], eval_every=2)
+  out = evaluation.compare(b, l, 'valid')
+  assert out['improvement'] == pytest.approx(0.2)
+  assert out['speedup_wallclock'] == pytest.approx(2.0)
+
+
+def test_win_rate_and_medians():
+  records = []
+  for imp, speed, name in ((0.1, 4.0, 'adam'), (-0.2, 0.0, 'sgdm'), (0.3, 2.0, 'adam'),
+                           (0.05, 3.0, 'rmsprop')):
+    rec = {'best_baseline_train': {'name': name}, 'best_baseline_valid': {'name': name}}
+    for metric in ('train', 'valid'):
+      rec.update({f'improvement_{metric}': imp, f'speedup_steps_{metric}': speed,
+                  f'speedup_wallclock_{metric}': speed / 2})
+    records.append(rec)
+  s = evaluation.summarize_tasks(records, with_learned=True)
+  assert s['num_tasks'] == 4 and s['win_rate_valid'] == 0.75 and s['win_rate_train'] == 0.75
+  assert s['median_improvement_valid'] == pytest.approx(0.075)
+  assert s['speedup_steps_train'] == pytest.approx(2.5)
+  assert s['speedup_wallclock_valid'] == pytest.approx(1.25)
+  assert s['best_baseline_counts_valid'] == {'adam': 2, 'rmsprop': 1, 'sgdm': 1}
+  assert 'win_rate_valid' not in evaluation.summarize_tasks(records, with_learned=False)
+
+
+def test_smoothed_train_loss():
+  np.testing.assert_allclose(evaluation.smoothed_train_loss([4.0, 2.0, 0.0, 2.0], 2),
+                             [4.0, 3.0, 1.0, 1.0])
+
+
+@pytest.fixture(scope='module')
+def tiny_experiment():
+  tasks = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
+  problem = ConvNet(tasks.image_shape, 3, channels=(4,), strides=(2,))
+  return Experiment(tasks, problem, InnerTrainer(problem, num_steps=20, batch_size=8,
+                                                 eval_every=5))
+
+
+@pytest.fixture(scope='module')
+def evaluated(tiny_experiment, tmp_path_factory):
+  out = tmp_path_factory.mktemp('eval')
+  lopt = MLPLOpt()
+  learned = ('learned', lopt.optimizer, lopt.init_theta(tf.constant([0, 0])))
+  ev = evaluation.Evaluator(tiny_experiment, str(out), num_tasks=2, num_inits=2,
+                            learned=learned, grid=[1e-2, 1e-1])
+  return out, ev, ev.run(), learned
+
+
+def test_results_json_schema_and_plots(evaluated):
+  out, _, results, _ = evaluated
+  with open(out / 'results.json') as f:
+    on_disk = json.load(f)
+  assert on_disk['summary'] == json.loads(json.dumps(results['summary']))
+  s = on_disk['summary']
+  for key in ('num_tasks', 'win_rate_valid', 'win_rate_train', 'median_improvement_valid',
+              'median_improvement_train', 'speedup_steps_train', 'speedup_wallclock_train',
+              'speedup_wallclock_valid', 'wall_seconds'):
+    assert key in s, key
+  assert s['num_tasks'] == 2 and 0.0 <= s['win_rate_valid'] <= 1.0
+  for task in on_disk['tasks']:
+    assert len(task['classes']) == 3 and isinstance(task['task_seed'], int)
+    for metric in ('train', 'valid'):
+      best = task[f'best_baseline_{metric}']
+      assert best['name'] in ('adam', 'rmsprop', 'sgdm')
+      assert best['learning_rate'] in (1e-2, 1e-1)
+    for name in ('adam', 'rmsprop', 'sgdm', 'learned'):
+      entry = task[name] if name == 'learned' else task[name]['at_best_lr_valid']
+      for key in ('final_train', 'best_train', 'final_valid', 'best_valid', 'steps', 'seconds'):
+        assert key in entry
+    assert task['learned']['steps'] == 20 and task['learned']['seconds'] > 0
+  for path in on_disk['plots'].values():
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_second_run_hits_the_cache(evaluated, tiny_experiment):
+  out, first, results, learned = evaluated
+  assert first.cache.hits < first._runs_done
+  again = evaluation.Evaluator(tiny_experiment, str(out), num_tasks=2, num_inits=2,
+                               learned=learned, grid=[1e-2, 1e-1])
+  again_results = again.run()
+  assert again.cache.misses == 0 and again.cache.hits == again._runs_done > 0
+  assert again_results['summary']['win_rate_valid'] == results['summary']['win_rate_valid']
+
+
+def test_shipped_optimizer_loads_by_name_and_steps():
+  names = checkpoints.shipped_names()
+  assert names, 'lo_tf/pretrained ships no optimizer'
+  for name in names:
+    loaded, family, theta, meta = checkpoints.load_learned_optimizer(name)
+    assert loaded == name and theta.shape == (MLPLOpt(**meta['lopt']).num_meta_params,)
+    for key in ('command', 'git_revision', 'outer_steps', 'wall_seconds', 'machine'):
+      assert key in meta, key
+    params = [tf.ones([3, 3]), tf.zeros([3])]
+    opt = family(theta)
+    new, state = opt.update([tf.ones([3, 3]) * 0.1, tf.ones([3]) * 0.1], opt.init(params), params)
+    assert float(state[0]) == 1.0
+    assert all(np.all(np.isfinite(p.numpy())) for p in new)
+    assert not np.allclose(new[0].numpy(), 1.0)
+
+
+def test_bad_checkpoints(tmp_path):
+  with pytest.raises(UserError, match='no checkpoint'):
+    checkpoints.load_learned_optimizer(str(tmp_path / 'missing'))
+  with pytest.raises(UserError, match='no checkpoint'):
+    checkpoints.load_learned_optimizer('not_a_shipped_name')
+  os.makedirs(tmp_path / 'd')
+  with open(tmp_path / 'd' / 'ckpt-1.index', 'wb') as f:
+    f.write(b'garbage')
+  with open(tmp_path / 'd' / 'lopt.json', 'w') as f:
+    json.dump({'lopt': {}}, f)
+  with pytest.raises(UserError, match='corrupt or incompatible'):
+    checkpoints.load_learned_optimizer(str(tmp_path / 'd' / 'ckpt-1'))
