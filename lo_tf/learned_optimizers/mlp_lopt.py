@@ -115,20 +115,23 @@ class MLPLOpt:
     sizes = [math.prod(s) for s in self._shapes()]
     return [tf.reshape(p, s) for p, s in zip(tf.split(theta, sizes), self._shapes())]
 
-  def step(self, theta, g, w, t, m, v, sizes):
+  def step(self, theta, grads, params, t, m, v):
     """One learned-optimizer step on all N inner weights, flattened (App. C.1).
 
     Args:
       theta: float32 [num_meta_params].
-      g, w: float32 [N] gradients and weights of all weight tensors, concatenated.
+      grads, params: lists of float32 tensors of matching shapes (N elements in all).
       t: float32 scalar, steps taken so far.
-      m, v: float32 [N, len(decays)] gradient and squared-gradient EMAs ([N, 0] when unused).
-      sizes: tuple of Python ints, the element counts of the weight tensors (sum N), in order:
-        the features are normalized over each tensor's elements.
+      m, v: float32 [N, len(decays)] gradient and squared-gradient EMAs ([N, 0] when unused), the
+        weight tensors' elements concatenated in order.
 
     Returns:
-      (new w [N], t + 1, new m, new v).
+      (new params list, t + 1, new m, new v).
     """
+    shapes = [p.shape for p in params]
+    sizes = [math.prod(s) for s in shapes]
+    flat = lambda xs: tf.concat([tf.reshape(x, [-1]) for x in xs], 0)
+    g, w = flat(grads), flat(params)
     t = t + 1.0
     decays = tf.constant(self.decays)
     g, w = g[:, None], w[:, None]
@@ -160,7 +163,8 @@ class MLPLOpt:
     out = tf.matmul(tf.nn.relu(tf.matmul(x, w1[:nw]) + bias), w2) + b2
     log_scale = tf.minimum(self.lambda_exp * out[:, 0], _MAX_LOG_STEP)
     step = tf.exp(log_scale) * self.lambda_lin * out[:, 1]
-    return w[:, 0] - step, t, m, v
+    new = tf.split(w[:, 0] - step, sizes)
+    return [tf.reshape(p, s) for p, s in zip(new, shapes)], t, m, v
 
   def optimizer(self, theta, compiled=True):
     """The inner optimizer u(·; θ) for θ (float32 [num_meta_params]); see `LearnedOptimizer`.
@@ -192,8 +196,5 @@ class LearnedOptimizer(Optimizer):
             tf.zeros([n, k if self.family.use_rms else 0]))
 
   def update(self, grads, state, params):
-    shapes = [p.shape for p in params]
-    sizes = tuple(math.prod(s) for s in shapes)
-    flat = lambda xs: tf.concat([tf.reshape(x, [-1]) for x in xs], 0)
-    new_w, t, m, v = self._step_fn(self.theta, flat(grads), flat(params), *state, sizes=sizes)
-    return [tf.reshape(p, s) for p, s in zip(tf.split(new_w, sizes), shapes)], (t, m, v)
+    new_params, t, m, v = self._step_fn(self.theta, grads, params, *state)
+    return new_params, (t, m, v)
