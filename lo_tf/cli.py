@@ -28,6 +28,7 @@ def _parse_flags(argv):
 
 
 def define_gin_flags():
+  """Defines --gin_file and --gin_bindings (binaries adopt them to list them in --help)."""
   flags.DEFINE_multi_string('gin_file', [], 'Gin config file(s), parsed in order.')
   flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "InnerTrainer.num_steps=100".')
 
@@ -56,6 +57,8 @@ def run(main):
 
   def wrapped(argv):
     logging.set_verbosity(logging.INFO)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.get_logger().setLevel('WARNING')  # TF's own INFO lines (checkpoint sharding, ...) are noise
     try:
       main(argv)
     except UserError as e:

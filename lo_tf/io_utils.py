@@ -28,6 +28,10 @@ def atomic_write_bytes(path, data):
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.')
   try:
+    # mkstemp makes the file private (0600); give it the mode an ordinary open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()

@@ -60,19 +60,24 @@ def figure1(summaries, records, learned_name, output_dir):
       ax.set_yscale('log')
       ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
-  fig.suptitle(f'Held-out task 0 (classes {records[0]["class_names"][:5]}...), median and '
-               '25/75 percentiles over inits')
+  names = records[0]['class_names']
+  shown = ', '.join(names[:5]) + (', ...' if len(names) > 5 else '')
+  fig.suptitle(f'Held-out task 0 (classes {shown}): median and 25/75 percentiles over inits; '
+               'dashed: best loss reached')
   paths['fig1ab_curves'] = os.path.join(output_dir, 'fig1ab_curves.png')
   io_utils.atomic_savefig(fig, paths['fig1ab_curves'])
   plt.close(fig)
   if learned_name:
     fig, ax = plt.subplots(figsize=(6, 4))
+    imps = {m: np.array([r[f'improvement_{m}'] for r in records], float) for m in ('train', 'valid')}
+    finite = np.concatenate([v[np.isfinite(v)] for v in imps.values()])
+    bins = np.histogram_bin_edges(finite if finite.size else [0.0], bins=min(20, max(5, len(records))))
     for metric, color in (('train', 'tab:blue'), ('valid', 'tab:red')):
-      imp = np.array([r[f'improvement_{metric}'] for r in records])
-      imp = imp[np.isfinite(imp)]
+      imp = imps[metric][np.isfinite(imps[metric])]
       if imp.size:
-        ax.hist(imp, bins=min(20, max(5, imp.size)), alpha=0.5, color=color,
+        ax.hist(imp, bins=bins, alpha=0.5, color=color,
                 label=f'{metric} loss: {np.mean(imp > 0):.0%} of tasks better')
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.axvline(0, color='k', lw=0.8)
     ax.set_xlabel('loss improvement over the best tuned baseline (positive: learned better)')
     ax.set_ylabel('tasks')

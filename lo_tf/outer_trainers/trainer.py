@@ -292,6 +292,14 @@ class OuterTrainer:
       rates.append(steps / (time.perf_counter() - start))
     return float(np.median(rates))
 
+  def _eta(self, step, unrolled_rate, step_rate):
+    """Seconds left: the curriculum's remaining unrolled steps at the measured rate."""
+    if not unrolled_rate:
+      return (self.num_outer_steps - step) / max(step_rate, 1e-9)
+    remaining = sum(2 * self.num_samples * min(self.curriculum.base_length(s), self.num_inner_steps)
+                    for s in range(step, self.num_outer_steps))
+    return remaining / unrolled_rate
+
   def train(self):
     """Outer-trains up to `num_outer_steps`, resuming from train_dir. Returns the throughput dict.
 
@@ -311,7 +319,6 @@ class OuterTrainer:
         t0 = time.perf_counter()
         stats = self.outer_step(pool)
         step_seconds = time.perf_counter() - t0
-        self.wall_seconds.assign_add(step_seconds)
         step = int(self.step)
         if step > first + 1:  # the first step includes tracing and XLA compilation
           unrolled += stats['unrolled_steps']
@@ -322,15 +329,16 @@ class OuterTrainer:
           self.manager.save(checkpoint_number=step)
         if step % self.meta_eval_every == 0 or step == self.num_outer_steps:
           meta_evals.append(self._log_meta_eval())
+        self.wall_seconds.assign_add(time.perf_counter() - t0)
         if step % self.log_every == 0 or step == self.num_outer_steps:
-          done = step - first
-          rate = done / (time.perf_counter() - run_start)
+          rate = (step - first) / (time.perf_counter() - run_start)
+          unrolled_rate = unrolled / max(sample_seconds, 1e-9)
           logging.info(
               'outer step %d/%d  L_%s %.4f  k %.0f  dropped %d  rp-weight %.2f  %.2f steps/s  '
               '%.0f unrolled steps/s  ETA %.0fs', step, self.num_outer_steps, self.objective,
               np.nanmean(losses[-self.log_every:]), stats['unroll_length'],
               stats['dropped_samples'], stats.get('rp_weight', float('nan')), rate,
-              unrolled / max(sample_seconds, 1e-9), (self.num_outer_steps - step) / rate)
+              unrolled_rate, self._eta(step, unrolled_rate, rate))
     self._writer.flush()
     if self.manager.latest_checkpoint is None or int(self.step) != first:
       self.manager.save(checkpoint_number=int(self.step))
@@ -386,5 +394,8 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
   io_utils.atomic_write_bytes(os.path.join(train_dir, 'config.gin'), gin.config_str().encode())
   result = trainer.train()
   print(json.dumps(result, indent=2))
+  print(f'throughput: {os.path.join(train_dir, THROUGHPUT)}')
+  print(f'TensorBoard summaries: {os.path.join(train_dir, "summaries")} '
+        f'(tensorboard --logdir {train_dir})')
   print(f'checkpoints: {train_dir}  (evaluate with bin/eval --checkpoint={train_dir})')
   return result
