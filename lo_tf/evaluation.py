@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from lo_tf import io_utils
+from lo_tf.errors import check_int
 from lo_tf.inner_training import InnerCurves
 from lo_tf.optimizers.hand_designed import BASELINES
 from lo_tf.optimizers.hand_designed import learning_rate_grid
@@ -201,8 +202,8 @@ class Evaluator:
   """
 
   def __init__(self, experiment, output_dir, num_tasks=20, num_inits=5, learned=None, grid=None):
-    if num_tasks < 1 or num_inits < 1:
-      raise ValueError('num_tasks and num_inits must be positive')
+    check_int('Evaluator', 'num_tasks', num_tasks)
+    check_int('Evaluator', 'num_inits', num_inits)
     self.exp = experiment
     self.output_dir = io_utils.ensure_writable_dir(output_dir)
     self.cache = CurveCache(os.path.join(output_dir, 'cache'))

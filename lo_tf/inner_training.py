@@ -13,6 +13,8 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from lo_tf.errors import check_int
+
 
 def batch_indices(seed, step, batch_size, num_examples):
   """int32 [batch_size] minibatch indices for inner step `step`, a pure function of the seed."""
@@ -61,18 +63,17 @@ class InnerTrainer:
       evaluation curves (the first ones; None: all).
 
   Raises:
-    ValueError: for non-positive sizes.
+    UserError: for sizes that are not positive integers.
   """
 
   def __init__(self, problem, num_steps=1000, batch_size=128, eval_every=50,
                eval_max_examples=2000):
-    for name, value in (('num_steps', num_steps), ('batch_size', batch_size),
-                        ('eval_every', eval_every)):
-      if int(value) <= 0:
-        raise ValueError(f'InnerTrainer.{name}={value} must be a positive integer')
     self.problem = problem
-    self.num_steps, self.batch_size, self.eval_every = int(num_steps), int(batch_size), int(eval_every)
-    self.eval_max_examples = eval_max_examples
+    self.num_steps = check_int('InnerTrainer', 'num_steps', num_steps)
+    self.batch_size = check_int('InnerTrainer', 'batch_size', batch_size)
+    self.eval_every = check_int('InnerTrainer', 'eval_every', eval_every)
+    self.eval_max_examples = (None if eval_max_examples is None else
+                              check_int('InnerTrainer', 'eval_max_examples', eval_max_examples))
     self._compiled = {}
 
   def _build(self, family):

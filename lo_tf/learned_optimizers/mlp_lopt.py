@@ -26,6 +26,9 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+from lo_tf.errors import check_number
 from lo_tf.optimizers.base import Optimizer
 
 # Second-moment normalization divides by sqrt(mean(f^2) + _NORM_EPS): zero feature columns (zero
@@ -57,6 +60,19 @@ class MLPLOpt:
                num_time_scales=9, time_scale_range=(3.0, 3e5), lambda_exp=1e-3,
                lambda_lin=1e-3, epsilon=1e-8, use_momentum=True, use_rms=True, use_time=True,
                jit_compile=True):
+    check_int('MLPLOpt', 'hidden_size', hidden_size)
+    check_int('MLPLOpt', 'num_time_scales', num_time_scales)
+    for name, value in (('lambda_exp', lambda_exp), ('lambda_lin', lambda_lin),
+                        ('epsilon', epsilon)):
+      check_number('MLPLOpt', name, value, 0.0, low_open=True)
+    if not isinstance(decays, (tuple, list)) or not decays:
+      raise UserError(f'MLPLOpt.decays={decays!r} must be a non-empty tuple of numbers in (0, 1)')
+    for d in decays:
+      check_number('MLPLOpt', 'decays', d, 0.0, 1.0, low_open=True, high_open=True)
+    if (not isinstance(time_scale_range, (tuple, list)) or len(time_scale_range) != 2 or
+        not 0 < time_scale_range[0] <= time_scale_range[1]):
+      raise UserError(f'MLPLOpt.time_scale_range={time_scale_range!r} must be (low, high) with '
+                      '0 < low <= high')
     self._config = dict(hidden_size=hidden_size, decays=list(decays),
                         num_time_scales=num_time_scales, time_scale_range=list(time_scale_range),
                         lambda_exp=lambda_exp, lambda_lin=lambda_lin, epsilon=epsilon,

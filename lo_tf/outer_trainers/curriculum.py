@@ -2,7 +2,8 @@
 
 import gin
 
-from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+from lo_tf.errors import check_number
 
 
 @gin.configurable
@@ -24,12 +25,10 @@ class Curriculum:
   """
 
   def __init__(self, start=50, end=10000, num_outer_steps=5000, jitter=0.2):
-    if start < 1 or end < 1 or num_outer_steps < 1:
-      raise UserError(f'Curriculum(start={start}, end={end}, num_outer_steps={num_outer_steps}) '
-                      'needs positive values')
-    if not 0 <= jitter < 1:
-      raise UserError(f'Curriculum.jitter={jitter} must be in [0, 1)')
-    self.start, self.end, self.num_outer_steps, self.jitter = start, end, num_outer_steps, jitter
+    self.start = check_int('Curriculum', 'start', start)
+    self.end = check_int('Curriculum', 'end', end)
+    self.num_outer_steps = check_int('Curriculum', 'num_outer_steps', num_outer_steps)
+    self.jitter = check_number('Curriculum', 'jitter', jitter, 0.0, 1.0, high_open=True)
 
   def base_length(self, outer_step):
     """The un-jittered k (float) at `outer_step`."""

@@ -28,6 +28,8 @@ from absl import logging
 
 from lo_tf import io_utils
 from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+from lo_tf.errors import check_number
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers import estimators
 from lo_tf.outer_trainers.curriculum import Curriculum
@@ -84,11 +86,15 @@ class OuterTrainer:
       raise UserError(f'OuterTrainer.estimator={estimator!r}; use one of {estimators.ESTIMATORS}')
     for name, value in (('num_samples', num_samples), ('num_outer_steps', num_outer_steps),
                         ('checkpoint_every', checkpoint_every), ('log_every', log_every),
-                        ('parallel_samples', parallel_samples)):
-      if int(value) < 1:
-        raise UserError(f'OuterTrainer.{name}={value} must be a positive integer')
-    if not sigma > 0:
-      raise UserError(f'OuterTrainer.sigma={sigma} must be positive')
+                        ('parallel_samples', parallel_samples), ('keep_checkpoints',
+                                                                 keep_checkpoints),
+                        ('meta_eval_every', meta_eval_every), ('meta_eval_tasks', meta_eval_tasks)):
+      check_int('OuterTrainer', name, value)
+    check_int('OuterTrainer', 'seed', seed, minimum=0)
+    check_number('OuterTrainer', 'sigma', sigma, 0.0, low_open=True)
+    check_number('OuterTrainer', 'beta_1', beta_1, 0.0, 1.0, high_open=True)
+    if outer_learning_rate is not None:
+      check_number('OuterTrainer', 'outer_learning_rate', outer_learning_rate, 0.0, low_open=True)
     self.exp = experiment
     self.train_dir = io_utils.ensure_writable_dir(train_dir)
     self.lopt = lopt or MLPLOpt()

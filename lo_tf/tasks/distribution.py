@@ -18,6 +18,8 @@ import tensorflow as tf
 
 from lo_tf.data.sources import load_source
 from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+from lo_tf.errors import check_number
 
 OUTER_TRAIN = 'outer_train'
 OUTER_TEST = 'outer_test'
@@ -116,12 +118,21 @@ class TaskDistribution:
   def __init__(self, train_source='digits', test_source=None, outer_train_fraction=0.7,
                num_classes=10, image_size=None, channels=None, valid_fraction=0.25,
                examples_per_class=None, split_seed=0):
-    if not 0 < valid_fraction < 1:
-      raise UserError(f'valid_fraction={valid_fraction} must be in (0, 1)')
-    if num_classes < 2:
-      raise UserError(f'num_classes={num_classes}: a task needs K >= 2 classes')
-    self.num_classes = int(num_classes)
-    self.valid_fraction = float(valid_fraction)
+    self.valid_fraction = check_number('TaskDistribution', 'valid_fraction', valid_fraction, 0.0,
+                                       1.0, low_open=True, high_open=True)
+    self.num_classes = check_int('TaskDistribution', 'num_classes', num_classes, minimum=2)
+    check_int('TaskDistribution', 'split_seed', split_seed, minimum=0)
+    if examples_per_class is not None:
+      check_int('TaskDistribution', 'examples_per_class', examples_per_class, minimum=2)
+    if image_size is not None and (not isinstance(image_size, (tuple, list)) or
+                                   len(image_size) != 2):
+      raise UserError(f'TaskDistribution.image_size={image_size!r} must be (height, width) or '
+                      'None; fix the gin binding')
+    if image_size is not None:
+      image_size = tuple(check_int('TaskDistribution', 'image_size', d) for d in image_size)
+    for name, spec in (('train_source', train_source), ('test_source', test_source)):
+      if spec is not None and not isinstance(spec, str):
+        raise UserError(f'TaskDistribution.{name}={spec!r} must be a source spec string')
     self.train_spec, self.test_spec = train_source, test_source
     self.num_dropped_test_classes = 0
     if test_source is not None and test_source == train_source:
@@ -139,8 +150,8 @@ class TaskDistribution:
     self.image_shape = tuple(int(d) for d in self._images[0].shape[1:])
     self._sources = sources
     if test_source is None:
-      if not 0 < outer_train_fraction < 1:
-        raise UserError(f'outer_train_fraction={outer_train_fraction} must be in (0, 1)')
+      check_number('TaskDistribution', 'outer_train_fraction', outer_train_fraction, 0.0, 1.0,
+                   low_open=True, high_open=True)
       perm = np.random.default_rng(split_seed).permutation(sources[0].num_classes)
       n_train = int(round(outer_train_fraction * sources[0].num_classes))
       self._classes = {OUTER_TRAIN: (0, np.sort(perm[:n_train])),

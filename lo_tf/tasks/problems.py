@@ -10,6 +10,9 @@ import math
 import gin
 import tensorflow as tf
 
+from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+
 
 def _glorot_uniform(seed, shape, fan_in, fan_out):
   limit = math.sqrt(6.0 / (fan_in + fan_out))
@@ -76,10 +79,14 @@ class ConvNet(Problem):
   def __init__(self, input_shape, num_classes, channels=(32, 32, 32), strides=(2, 2, 1),
                kernel_size=3):
     super().__init__(input_shape, num_classes)
-    if len(channels) != len(strides):
-      raise ValueError(f'ConvNet: {len(channels)} channels but {len(strides)} strides; '
-                       'give one stride per layer')
-    self.channels, self.strides, self.kernel_size = tuple(channels), tuple(strides), kernel_size
+    if not isinstance(channels, (tuple, list)) or not isinstance(strides, (tuple, list)):
+      raise UserError(f'ConvNet.channels={channels!r} and strides={strides!r} must be tuples')
+    if len(channels) != len(strides) or not channels:
+      raise UserError(f'ConvNet: {len(channels)} channels but {len(strides)} strides; '
+                      'give one stride per layer, at least one layer')
+    self.channels = tuple(check_int('ConvNet', 'channels', c) for c in channels)
+    self.strides = tuple(check_int('ConvNet', 'strides', c) for c in strides)
+    self.kernel_size = check_int('ConvNet', 'kernel_size', kernel_size)
 
   def param_shapes(self):
     shapes, c_in, k = [], self.input_shape[-1], self.kernel_size
@@ -103,7 +110,9 @@ class MLP(Problem):
 
   def __init__(self, input_shape, num_classes, hidden=(32, 32)):
     super().__init__(input_shape, num_classes)
-    self.hidden = tuple(hidden)
+    if not isinstance(hidden, (tuple, list)):
+      raise UserError(f'MLP.hidden={hidden!r} must be a tuple of layer widths')
+    self.hidden = tuple(check_int('MLP', 'hidden', h) for h in hidden)
 
   def param_shapes(self):
     shapes, n_in = [], math.prod(self.input_shape)
