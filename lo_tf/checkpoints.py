@@ -21,6 +21,47 @@ _THETA_KEY = 'theta/.ATTRIBUTES/VARIABLE_VALUE'
 _STEP_KEY = 'step/.ATTRIBUTES/VARIABLE_VALUE'
 
 
+def _digest_path(prefix):
+  return prefix + '.sha256.json'
+
+
+def write_digest(prefix):
+  """Records the SHA-256 of every file of checkpoint `prefix` beside it (atomically).
+
+  TensorFlow's checkpoint reader does not notice every corrupted byte of a data file; the digest
+  lets `verify_digest` refuse such a checkpoint instead of loading garbage.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digests = {}
+  for path in sorted(glob.glob(prefix + '.index') + glob.glob(prefix + '.data-*')):
+    with open(path, 'rb') as f:
+      digests[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
+  io_utils.atomic_write_json(_digest_path(prefix), digests)
+
+
+def verify_digest(prefix):
+  """Checks checkpoint `prefix` against its digest, when it has one.
+
+  Raises:
+    UserError: if a file is missing or its content changed since it was written.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  path = _digest_path(prefix)
+  if not os.path.exists(path):
+    return
+  digests = _read_json(path)
+  for name, expected in digests.items():
+    file = os.path.join(os.path.dirname(prefix), name)
+    try:
+      with open(file, 'rb') as f:
+        actual = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+      actual = None
+    if actual != expected:
+      raise UserError(f'checkpoint {prefix} is corrupt ({name} is missing or changed since it '
+                      'was written); use another checkpoint or a fresh --train_dir')
+
+
 def shipped_names():
   """Names of the learned optimizers shipped in lo_tf/pretrained."""
   return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PRETRAINED_DIR, '*.json')))
@@ -91,6 +132,7 @@ def load_learned_optimizer(spec):
     raise UserError(f'{directory} has checkpoints but no lopt.json; it was not written by '
                     'bin/train')
   meta = _read_json(config_path)
+  verify_digest(prefix)
   try:
     reader = tf.train.load_checkpoint(prefix)
     theta = reader.get_tensor(_THETA_KEY)

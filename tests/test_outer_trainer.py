@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from lo_tf import checkpoints
 from lo_tf.errors import UserError
 from lo_tf.experiment import Experiment
 from lo_tf.inner_training import InnerTrainer
@@ -127,6 +128,11 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(experiment, trained, t
       with open(copy / name, 'r+b') as f:
         f.seek(0)
         f.write(b'\x00garbage' * 64)
+  with pytest.raises(UserError, match='is corrupt'):
+    _trainer(experiment, copy, steps=8).restore_or_initialize()
+  with pytest.raises(UserError, match='is corrupt'):  # bin/eval's loader refuses it too
+    checkpoints.load_learned_optimizer(str(copy))
+  os.remove(copy / 'ckpt-4.sha256.json')  # without its digest, TensorFlow's reader must notice
   with pytest.raises(UserError, match='corrupt or incompatible'):
     _trainer(experiment, copy, steps=8).restore_or_initialize()
 

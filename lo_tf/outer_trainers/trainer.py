@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from lo_tf import checkpoints
 from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
@@ -165,6 +166,7 @@ class OuterTrainer:
                         f'({saved.get(mismatch[0])!r} vs {self._metadata[mismatch[0]]!r}); use a '
                         'fresh --train_dir or the same configuration')
     if latest:
+      checkpoints.verify_digest(latest)
       try:
         self.checkpoint.restore(latest).assert_existing_objects_matched()
       except Exception as e:  # TF raises DataLossError, NotFoundError, ValueError, ...
@@ -298,6 +300,9 @@ class OuterTrainer:
       rates.append(steps / (time.perf_counter() - start))
     return float(np.median(rates))
 
+  def _save(self, step):
+    checkpoints.write_digest(self.manager.save(checkpoint_number=step))
+
   def _eta(self, step, unrolled_rate, step_rate):
     """Seconds left: the curriculum's remaining unrolled steps at the measured rate."""
     if not unrolled_rate:
@@ -332,7 +337,7 @@ class OuterTrainer:
         losses.append(stats['outer_loss'])
         self._write_summaries(stats, step_seconds)
         if step % self.checkpoint_every == 0 or step == self.num_outer_steps:
-          self.manager.save(checkpoint_number=step)
+          self._save(step)
         if step % self.meta_eval_every == 0 or step == self.num_outer_steps:
           meta_evals.append(self._log_meta_eval())
         self.wall_seconds.assign_add(time.perf_counter() - t0)
@@ -346,8 +351,8 @@ class OuterTrainer:
               stats['dropped_samples'], stats.get('rp_weight', float('nan')), rate,
               unrolled_rate, self._eta(step, unrolled_rate, rate))
     self._writer.flush()
-    if self.manager.latest_checkpoint is None or int(self.step) != first:
-      self.manager.save(checkpoint_number=int(self.step))
+    if self.manager.latest_checkpoint is None:
+      self._save(int(self.step))
     result = {'outer_steps': int(self.step), 'outer_steps_this_run': int(self.step) - first,
               'wall_seconds_this_run': time.perf_counter() - run_start,
               'wall_seconds_total': float(self.wall_seconds), 'git_revision': git_revision(),
