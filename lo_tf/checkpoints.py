@@ -39,6 +39,13 @@ def write_digest(prefix):
   io_utils.atomic_write_json(_digest_path(prefix), digests)
 
 
+def remove_stale_digests(directory):
+  """Deletes digests of checkpoints that the CheckpointManager has removed."""
+  for path in glob.glob(os.path.join(directory, '*.sha256.json')):
+    if not os.path.exists(path[:-len('.sha256.json')] + '.index'):
+      os.remove(path)
+
+
 def verify_digest(prefix):
   """Checks checkpoint `prefix` against its digest, when it has one.
 
@@ -132,6 +139,9 @@ def load_learned_optimizer(spec):
     raise UserError(f'{directory} has checkpoints but no lopt.json; it was not written by '
                     'bin/train')
   meta = _read_json(config_path)
+  if not isinstance(meta, dict) or not isinstance(meta.get('lopt'), dict):
+    raise UserError(f'{config_path} holds no learned-optimizer configuration; it was not '
+                    'written by bin/train')
   verify_digest(prefix)
   try:
     reader = tf.train.load_checkpoint(prefix)

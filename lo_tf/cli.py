@@ -41,9 +41,12 @@ def parse_gin(gin_files, gin_bindings, extra_bindings=()):
   """
   # Import every module that registers configurables so unknown names are caught here.
   import lo_tf.all_configurables  # pylint: disable=g-import-not-at-top,unused-import
+  if not gin_files:
+    raise UserError('no --gin_file given; pass a config, e.g. --gin_file=gin/quickstart.gin')
   for f in gin_files:
     if not os.path.isfile(f):
-      raise UserError(f'gin file {f!r} does not exist; pass an existing file to --gin_file')
+      what = 'is a directory' if os.path.isdir(f) else 'does not exist'
+      raise UserError(f'gin file {f!r} {what}; pass an existing file to --gin_file')
   try:
     gin.parse_config_files_and_bindings(gin_files, list(gin_bindings) + list(extra_bindings),
                                         finalize_config=False)
@@ -52,18 +55,38 @@ def parse_gin(gin_files, gin_bindings, extra_bindings=()):
     raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
 
 
+def build(constructor, *args, **kwargs):
+  """Calls a gin-configured constructor; a bad configured value becomes a one-line UserError.
+
+  Gin evaluates macros and references only when the constructor is called, so type errors of the
+  configuration (an undefined macro, a reference to the wrong class) surface here.
+  """
+  try:
+    return constructor(*args, **kwargs)
+  except TypeError as e:
+    first = str(e).strip().splitlines()[0]
+    raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
+
+
 def run(main):
   """Runs `main(argv)` as an absl app; `UserError` and flag errors exit 2 with one line."""
 
   def wrapped(argv):
-    logging.set_verbosity(logging.INFO)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.get_logger().setLevel('WARNING')  # TF's own INFO lines (checkpoint sharding, ...) are noise
     try:
-      main(argv)
+      logging.set_verbosity(logging.INFO)
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.get_logger().setLevel('ERROR')  # TF's own INFO/WARNING lines are noise here
+      try:
+        main(argv)
+      except tf.errors.OpError as e:  # file-system failures surface as OpErrors from TF's I/O
+        raise UserError(f'{(e.message.strip().splitlines() or [type(e).__name__])[0]}; check '
+                        'that the paths exist and are writable') from None
     except UserError as e:
       _fail(str(e).strip().splitlines()[0])
+    except OSError as e:
+      where = f' {e.filename!r}' if e.filename else ''
+      _fail(f'cannot access{where}: {e.strerror or e}; check the path and its permissions')
     except KeyboardInterrupt:
-      _fail('interrupted')
+      _fail('interrupted (bin/train resumes from its last checkpoint when re-run)')
 
   app.run(wrapped, flags_parser=_parse_flags)

@@ -6,6 +6,9 @@ exit with status 2 (see `lo_tf.cli`).
 """
 
 
+import math
+
+
 class UserError(ValueError):
   """Bad input from the user: the message is one line naming the problem and the fix."""
 
@@ -25,7 +28,7 @@ def check_number(owner, name, value, low=None, high=None, low_open=False, high_o
   ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
   if ok:
     value = float(value)
-    ok = value == value  # not NaN
+    ok = math.isfinite(value)
     if low is not None:
       ok = ok and (value > low if low_open else value >= low)
     if high is not None:
@@ -33,6 +36,6 @@ def check_number(owner, name, value, low=None, high=None, low_open=False, high_o
   if not ok:
     lo = '' if low is None else ('(' if low_open else '[') + str(low)
     hi = '' if high is None else str(high) + (')' if high_open else ']')
-    raise UserError(f'{owner}.{name}={value!r} must be a number in {lo or "(-inf"}, '
+    raise UserError(f'{owner}.{name}={value!r} must be a finite number in {lo or "(-inf"}, '
                     f'{hi or "inf)"}; fix the gin binding or flag')
   return value

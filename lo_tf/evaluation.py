@@ -156,6 +156,14 @@ def summarize_tasks(records, with_learned):
   return summary
 
 
+def _task_digest(task):
+  """Hash of a task's pixels and labels: cached runs follow the data, not its spec string."""
+  h = hashlib.sha1()
+  for x in task.data:
+    h.update(np.ascontiguousarray(x.numpy()).tobytes())
+  return f't{task.seed}_{h.hexdigest()[:12]}'
+
+
 class CurveCache:
   """On-disk cache of `InnerCurves`, one .npz per run, written atomically."""
 
@@ -174,8 +182,8 @@ class CurveCache:
     try:
       with np.load(path) as z:
         fields = {f.name: z[f.name] for f in dataclasses.fields(InnerCurves)}
-    except (OSError, ValueError, KeyError):
-      self.misses += 1  # a corrupt cache entry is recomputed, not trusted
+    except Exception:  # pylint: disable=broad-except
+      self.misses += 1  # a corrupt cache entry (of any kind) is recomputed, not trusted
       return None
     self.hits += 1
     fields['steps_completed'] = int(fields['steps_completed'])
@@ -215,7 +223,7 @@ class Evaluator:
     self._runs_done = 0
 
   def _run(self, name, family, opt_params, task, init, rate_label):
-    key = f'{self._fingerprint}-t{task.seed}-{name}-{rate_label}-i{init}'
+    key = f'{self._fingerprint}-{_task_digest(task)}-{name}-{rate_label}-i{init}'
     curves = self.cache.get(key)
     if curves is None:
       curves = self.exp.trainer.train(family, opt_params, task, init)
@@ -327,7 +335,7 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
     from lo_tf import checkpoints  # pylint: disable=g-import-not-at-top
     name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
     learned = (name, family, theta)
-  experiment = build_experiment()
+  experiment = cli.build(build_experiment)
   results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
                       learned=learned).run()
   print(json.dumps(results['summary'], indent=2))

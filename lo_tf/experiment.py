@@ -11,6 +11,7 @@ import json
 import gin
 
 from lo_tf.inner_training import InnerTrainer
+from lo_tf.optimizers.hand_designed import BASELINES
 from lo_tf.tasks.distribution import TaskDistribution
 from lo_tf.tasks.problems import ConvNet
 
@@ -23,13 +24,19 @@ class Experiment:
   trainer: InnerTrainer
 
   def fingerprint(self):
-    """Short hash of everything that determines an inner-training curve (for result caches)."""
+    """Short hash of the settings that shape inner-training curves (for result caches).
+
+    Covers the sources and split, the problem's architecture, the baselines' hyperparameters and
+    the inner-training settings; the data itself is hashed per task by the evaluator.
+    """
     desc = {
         'sources': [self.tasks.train_spec, self.tasks.test_spec],
         'tasks': [self.tasks.num_classes, self.tasks.image_shape, self.tasks.examples_per_class,
                   self.tasks.n_valid],
         'split': [self.tasks.classes(s).tolist() for s in ('outer_train', 'outer_test')],
-        'problem': [type(self.problem).__name__, self.problem.param_shapes()],
+        'problem': [type(self.problem).__name__, sorted(vars(self.problem).items())],
+        # The baselines' gin-configured hyperparameters (β1, momentum, ...) shape their curves.
+        'baselines': {name: sorted(vars(cls(1.0)).items()) for name, cls in BASELINES.items()},
         'trainer': [self.trainer.num_steps, self.trainer.batch_size, self.trainer.eval_every,
                     self.trainer.eval_max_examples],
     }

@@ -13,6 +13,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
+from lo_tf.errors import UserError
 from lo_tf.errors import check_int
 
 
@@ -72,6 +73,9 @@ class InnerTrainer:
     self.num_steps = check_int('InnerTrainer', 'num_steps', num_steps)
     self.batch_size = check_int('InnerTrainer', 'batch_size', batch_size)
     self.eval_every = check_int('InnerTrainer', 'eval_every', eval_every)
+    if self.eval_every > self.num_steps:
+      raise UserError(f'InnerTrainer.eval_every={eval_every} exceeds num_steps={num_steps}: the '
+                      'valid curve would hold step 0 only; lower eval_every')
     self.eval_max_examples = (None if eval_max_examples is None else
                               check_int('InnerTrainer', 'eval_max_examples', eval_max_examples))
     self._compiled = {}

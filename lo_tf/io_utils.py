@@ -54,3 +54,49 @@ def atomic_savefig(fig, path):
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
   atomic_write_bytes(path, buf.getvalue())
+
+
+class DirectoryLock:
+  """An exclusive lock on a directory for one process (`<dir>/.lock` holding the pid).
+
+  A lock left by a process that no longer runs (killed with SIGKILL) is taken over.
+
+  Raises:
+    UserError: if a live process holds the lock.
+  """
+
+  def __init__(self, directory):
+    self.path = os.path.join(directory, '.lock')
+    while True:
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        try:
+          with open(self.path) as f:
+            pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+          pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+          raise UserError(f'{directory} is in use by another process (pid {pid}); wait for it '
+                          'or use another directory') from None
+        os.remove(self.path)  # stale: its process is gone
+        continue
+      with os.fdopen(fd, 'w') as f:
+        f.write(str(os.getpid()))
+      return
+
+  def release(self):
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True

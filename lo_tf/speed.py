@@ -134,7 +134,11 @@ def run_benchmark_cli(batch_size, image_size, steps, repeats, device, names, jso
     shape = tuple(int(v) for v in image_size)
   except ValueError:
     raise UserError(f'--image_size={",".join(image_size)} must be three integers H,W,C') from None
+  if not names:
+    raise UserError('--optimizers is empty; name some of sgd, adam, learned')
   if json_out:
+    if os.path.isdir(json_out):
+      raise UserError(f'--json_out={json_out} is a directory; give a file path')
     io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(json_out)))
   result = benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
                      device=device, names=tuple(names))

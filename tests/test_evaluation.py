@@ -164,3 +164,31 @@ def test_bad_checkpoints(tmp_path):
     json.dump({'lopt': {}}, f)
   with pytest.raises(UserError, match='corrupt or incompatible'):
     checkpoints.load_learned_optimizer(str(tmp_path / 'd' / 'ckpt-1'))
+
+
+def test_corrupt_cache_entries_are_recomputed(tiny_experiment, tmp_path):
+  ev = evaluation.Evaluator(tiny_experiment, str(tmp_path), num_tasks=1, num_inits=1,
+                            grid=[1e-2])
+  ev.run()
+  entries = sorted((tmp_path / 'cache').iterdir())
+  entries[0].write_bytes(b'')  # zero bytes
+  entries[1].write_bytes(entries[1].read_bytes()[:200])  # truncated archive
+  again = evaluation.Evaluator(tiny_experiment, str(tmp_path), num_tasks=1, num_inits=1,
+                               grid=[1e-2])
+  again.run()
+  assert again.cache.misses == 2 and again.cache.hits == again._runs_done - 2
+
+
+def test_cache_follows_architecture_and_baseline_hyperparameters(tiny_experiment, tmp_path):
+  tasks = tiny_experiment.tasks
+  other = ConvNet(tasks.image_shape, 3, channels=(4,), strides=(1,))
+  exp2 = Experiment(tasks, other, InnerTrainer(other, num_steps=20, batch_size=8, eval_every=5))
+  assert exp2.fingerprint() != tiny_experiment.fingerprint()
+  import gin
+  before = tiny_experiment.fingerprint()
+  with gin.unlock_config():
+    gin.bind_parameter('Adam.beta_1', 0.5)
+  try:
+    assert tiny_experiment.fingerprint() != before
+  finally:
+    gin.clear_config()

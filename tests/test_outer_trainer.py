@@ -181,3 +181,37 @@ def test_sigkill_midway_then_resume(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'at outer step {saved}' in done.stderr
   assert json.loads(done.stdout[:done.stdout.rindex('}') + 1])['outer_steps'] == saved + 2
+
+
+def test_unreadable_checkpoint_index_is_refused_not_overwritten(experiment, trained, tmp_path):
+  import shutil
+  train_dir, _, _, _ = trained
+  copy = tmp_path / 'garbled_state'
+  shutil.copytree(train_dir, copy)
+  (copy / 'checkpoint').write_text('this is not a checkpoint state file')
+  before = sorted(os.listdir(copy))
+  with pytest.raises(UserError, match="no readable 'checkpoint' index"):
+    _trainer(experiment, copy, steps=8).restore_or_initialize()
+  assert sorted(os.listdir(copy)) == before
+
+
+def test_two_runs_cannot_share_a_train_dir(tmp_path):
+  from lo_tf.io_utils import DirectoryLock
+  first = DirectoryLock(str(tmp_path))
+  with pytest.raises(UserError, match='in use by another process'):
+    # A live pid other than ours holds the lock: pretend pid 1 (init) wrote it.
+    (tmp_path / '.lock').write_text('1')
+    DirectoryLock(str(tmp_path))
+  (tmp_path / '.lock').write_text('999999999')  # a dead pid: the stale lock is taken over
+  second = DirectoryLock(str(tmp_path))
+  assert (tmp_path / '.lock').read_text() == str(os.getpid())
+  second.release()
+  first.release()
+  assert not (tmp_path / '.lock').exists()
+
+
+@pytest.mark.parametrize('binding', [dict(sigma=float('inf')), dict(sigma=0.0),
+                                     dict(parallel_samples=0), dict(beta_1=1.0)])
+def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
+  with pytest.raises(UserError, match='OuterTrainer'):
+    _trainer(experiment, tmp_path, **binding)

@@ -267,3 +267,23 @@ def test_npz_imagenet_layout_with_1d_data(tmp_path):
   with pytest.raises(UserError) as e:
     load_source(f'npz:{tmp_path}/f.npz')
   assert '3*S*S' in _message(e)
+
+
+def test_npz_edge_cases_are_user_errors(tmp_path):
+  np.savez(tmp_path / 'strlabels.npz', images=np.zeros((2, 4, 4), np.uint8),
+           labels=np.array(['a', 'b']))
+  np.save(tmp_path / 'single.npy', np.zeros((2, 4, 4), np.uint8))
+  (tmp_path / 'trunc.npz').write_bytes(
+      (lambda b: b[:len(b) // 2])(_npz_bytes(tmp_path)))
+  for spec, fragment in ((f'npz:{tmp_path}/strlabels.npz', 'labels must be integers'),
+                         (f'npz:{tmp_path}/single.npy', 'not an .npz archive'),
+                         (f'npz:{tmp_path}/trunc.npz', 'not a readable .npz archive'),
+                         (f'npz:{tmp_path}', 'is a directory')):
+    with pytest.raises(UserError) as e:
+      load_source(spec)
+    assert fragment in str(e.value), str(e.value)
+
+
+def _npz_bytes(tmp_path):
+  np.savez(tmp_path / 'full.npz', images=np.zeros((8, 4, 4), np.uint8), labels=np.arange(8))
+  return (tmp_path / 'full.npz').read_bytes()

@@ -52,7 +52,13 @@ class Source:
 
 def _relabel(images, raw_labels, names_by_raw, spec):
   """Maps arbitrary label values to contiguous ids 0..C-1, ordered by raw label."""
-  raw = np.asarray(raw_labels).astype(np.int64).reshape(-1)
+  raw = np.asarray(raw_labels).reshape(-1)
+  if not (np.issubdtype(raw.dtype, np.integer) or
+          (np.issubdtype(raw.dtype, np.floating) and np.all(np.isfinite(raw)) and
+           np.all(raw == np.round(raw)))):
+    raise UserError(f'source {spec!r}: labels must be integers, got dtype {raw.dtype}; store '
+                    'integer class ids')
+  raw = raw.astype(np.int64)
   if images.shape[0] != raw.shape[0]:
     raise UserError(f'source {spec!r}: {images.shape[0]} images but {raw.shape[0]} labels; '
                     'images and labels must have the same length')
@@ -74,7 +80,9 @@ def _load_digits(spec):
 def _load_folder(spec, path):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(path):
-    raise UserError(f'source {spec!r}: directory {path!r} does not exist; pass an existing folder')
+    raise UserError(f'source {spec!r}: directory {path!r} does not exist (relative paths are '
+                    'taken from the working directory, or from load_source.data_root, e.g. '
+                    'OMNIGLOT_ROOT); pass an existing folder')
   class_dirs = []
   for root, dirs, files in os.walk(path):
     dirs.sort()
@@ -96,21 +104,37 @@ def _load_folder(spec, path):
         raise UserError(f'source {spec!r}: inconsistent image sizes, {p} is {img.shape} but '
                         f'{paths[0]} is {images[0].shape}; resize the images to one size')
       images.append(img)
-  except tf.errors.InvalidArgumentError as e:
-    raise UserError(f'source {spec!r}: an image under {path!r} cannot be decoded '
-                    f'({e.message.splitlines()[0]}); remove or fix it') from None
+  except tf.errors.InvalidArgumentError:
+    bad = next(p for p in paths if not _decodes(p))
+    raise UserError(f'source {spec!r}: image {bad} cannot be decoded; remove or fix it') from None
   names = [name for name, _ in class_dirs]
   return _relabel(np.stack(images).astype(np.uint8), labels, lambda i: names[i], spec)
 
 
+def _decodes(path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.io.decode_image(tf.io.read_file(path), expand_animations=False)
+    return True
+  except tf.errors.OpError:
+    return False
+
+
 def _load_npz(spec, pattern):
+  if os.path.isdir(pattern):
+    raise UserError(f'source {spec!r}: {pattern!r} is a directory; pass a glob of files, e.g. '
+                    f'npz:{os.path.join(pattern, "*.npz")}')
   files = sorted(glob.glob(pattern))
   if not files:
     raise UserError(f'source {spec!r}: no file matches {pattern!r}; pass a glob of .npz files')
   all_images, all_labels = [], []
   for f in files:
     try:
-      with np.load(f) as z:
+      loaded = np.load(f, allow_pickle=False)
+      if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UserError(f'source {spec!r}: {f} is a single array, not an .npz archive; save it '
+                        'with numpy.savez(images=..., labels=...)')
+      with loaded as z:
         keys = set(z.files)
         if {'images', 'labels'} <= keys:
           images, labels = z['images'], z['labels']
@@ -127,11 +151,12 @@ def _load_npz(spec, pattern):
         else:
           raise UserError(f'source {spec!r}: {f} holds arrays {sorted(keys)}; expected '
                           '"images" and "labels" (or "data" and "labels" as in Imagenet32)')
-    except (OSError, ValueError) as e:
-      if isinstance(e, UserError):
-        raise
-      raise UserError(f'source {spec!r}: {f} is not a readable .npz file ({e}); '
-                      're-create it with numpy.savez') from None
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # numpy raises OSError, ValueError, EOFError, zipfile.BadZipFile... for damaged archives.
+      raise UserError(f'source {spec!r}: {f} is not a readable .npz archive '
+                      f'({type(e).__name__}); re-create it with numpy.savez') from None
     if images.ndim != 4 or images.dtype != np.uint8:
       raise UserError(f'source {spec!r}: {f} images have shape {images.shape} and dtype '
                       f'{images.dtype}; expected uint8 [N,H,W] or [N,H,W,C]')

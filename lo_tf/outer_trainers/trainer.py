@@ -14,6 +14,7 @@ worker's inner state. TensorBoard summaries go to `train_dir/summaries`.
 
 import concurrent.futures
 import functools
+import glob
 import json
 import math
 import os
@@ -153,13 +154,20 @@ class OuterTrainer:
     """
     config_path = os.path.join(self.train_dir, LOPT_CONFIG)
     latest = self.manager.latest_checkpoint
+    leftovers = glob.glob(os.path.join(self.train_dir, 'ckpt-*.index'))
+    if latest is None and (leftovers or os.path.exists(os.path.join(self.train_dir, 'checkpoint'))):
+      # Never start over on top of checkpoints we cannot read: that would overwrite them.
+      raise UserError(f'--train_dir {self.train_dir} holds checkpoint files but no readable '
+                      "'checkpoint' index pointing at one; restore that file or use a fresh "
+                      '--train_dir')
     if os.path.exists(config_path):
       try:
         with open(config_path) as f:
           saved = json.load(f)
+        if not isinstance(saved, dict):
+          raise ValueError('not a JSON object')
       except (OSError, ValueError) as e:
-        raise UserError(f'{config_path} is unreadable ({e}); delete it or use a fresh '
-                        '--train_dir') from None
+        raise UserError(f'{config_path} is unreadable ({e}); use a fresh --train_dir') from None
       mismatch = [k for k in self._metadata if saved.get(k) != self._metadata[k]]
       if mismatch and latest:
         raise UserError(f'--train_dir {self.train_dir} holds a run with a different {mismatch[0]} '
@@ -302,6 +310,7 @@ class OuterTrainer:
 
   def _save(self, step):
     checkpoints.write_digest(self.manager.save(checkpoint_number=step))
+    checkpoints.remove_stale_digests(self.train_dir)
 
   def _eta(self, step, unrolled_rate, step_rate):
     """Seconds left: the curriculum's remaining unrolled steps at the measured rate."""
@@ -319,6 +328,14 @@ class OuterTrainer:
     trajectories counted, outer-gradient samples/minute, and the plain-Adam steps/s of the same
     config) at the end.
     """
+    lock = io_utils.DirectoryLock(self.train_dir)
+    try:
+      return self._train(lock)
+    finally:
+      lock.release()
+
+  def _train(self, lock):
+    del lock  # held for the whole run
     first = self.restore_or_initialize()
     if first >= self.num_outer_steps:
       logging.info('already trained for %d outer steps', first)
@@ -401,7 +418,7 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
     extra.append(f'TaskDistribution.test_source = {test_source!r}')
   cli.parse_gin(gin_files, gin_bindings, extra)
   io_utils.ensure_writable_dir(train_dir)
-  trainer = OuterTrainer(build_experiment(), train_dir, seed=seed)
+  trainer = cli.build(lambda: OuterTrainer(build_experiment(), train_dir, seed=seed))
   io_utils.atomic_write_bytes(os.path.join(train_dir, 'config.gin'), gin.config_str().encode())
   result = trainer.train()
   print(json.dumps(result, indent=2))
