@@ -127,7 +127,6 @@ def run_benchmark_cli(batch_size, image_size, steps, repeats, device, names, jso
   Raises:
     UserError: for malformed sizes or an unwritable --json_out.
   """
-  import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from lo_tf import io_utils  # pylint: disable=g-import-not-at-top
   try:
