@@ -37,7 +37,8 @@ def smoothed_train_loss(train_loss, window):
   c = np.cumsum(np.concatenate([[0.0], np.nan_to_num(x, nan=np.inf)]))
   idx = np.arange(1, len(x) + 1)
   lo = np.maximum(0, idx - window)
-  out = (c[idx] - c[lo]) / (idx - lo)
+  with np.errstate(invalid='ignore'):  # inf - inf after a divergence: NaN, masked below
+    out = (c[idx] - c[lo]) / (idx - lo)
   out[~np.isfinite(x)] = np.nan
   return out
 

@@ -61,9 +61,10 @@ def figure1(summaries, records, learned_name, output_dir):
       ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   names = records[0]['class_names']
-  shown = ', '.join(names[:5]) + (', ...' if len(names) > 5 else '')
-  fig.suptitle(f'Held-out task 0 (classes {shown}): median and 25/75 percentiles over inits; '
-               'dashed: best loss reached')
+  shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+  fig.suptitle(f'Held-out task 0 ({len(names)} classes: {shown})\nmedian and 25/75 percentiles '
+               'over inits; dashed: best loss reached', fontsize=10)
+  fig.tight_layout()
   paths['fig1ab_curves'] = os.path.join(output_dir, 'fig1ab_curves.png')
   io_utils.atomic_savefig(fig, paths['fig1ab_curves'])
   plt.close(fig)

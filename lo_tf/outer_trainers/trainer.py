@@ -337,6 +337,7 @@ class OuterTrainer:
   def _train(self, lock):
     del lock  # held for the whole run
     first = self.restore_or_initialize()
+    revision = git_revision()  # the code that runs now, not whatever is checked out at the end
     if first >= self.num_outer_steps:
       logging.info('already trained for %d outer steps', first)
     unrolled, sample_seconds, losses = 0, 0.0, []
@@ -372,7 +373,7 @@ class OuterTrainer:
       self._save(int(self.step))
     result = {'outer_steps': int(self.step), 'outer_steps_this_run': int(self.step) - first,
               'wall_seconds_this_run': time.perf_counter() - run_start,
-              'wall_seconds_total': float(self.wall_seconds), 'git_revision': git_revision(),
+              'wall_seconds_total': float(self.wall_seconds), 'git_revision': revision,
               'machine': platform.processor() or platform.machine(),
               'cpu_count': os.cpu_count()}
     if unrolled:
