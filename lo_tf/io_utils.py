@@ -59,6 +59,8 @@ def atomic_savefig(fig, path):
 class DirectoryLock:
   """An exclusive lock on a directory for one process (`<dir>/.lock` holding the pid).
 
+  Use as a context manager, or call `release()`.
+
   A lock left by a process that no longer runs (killed with SIGKILL) is taken over.
 
   Raises:
@@ -84,6 +86,12 @@ class DirectoryLock:
       with os.fdopen(fd, 'w') as f:
         f.write(str(os.getpid()))
       return
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
 
   def release(self):
     try:

@@ -328,14 +328,10 @@ class OuterTrainer:
     trajectories counted, outer-gradient samples/minute, and the plain-Adam steps/s of the same
     config) at the end.
     """
-    lock = io_utils.DirectoryLock(self.train_dir)
-    try:
-      return self._train(lock)
-    finally:
-      lock.release()
+    with io_utils.DirectoryLock(self.train_dir):  # one run per train_dir at a time
+      return self._train()
 
-  def _train(self, lock):
-    del lock  # held for the whole run
+  def _train(self):
     first = self.restore_or_initialize()
     revision = git_revision()  # the code that runs now, not whatever is checked out at the end
     if first >= self.num_outer_steps:
