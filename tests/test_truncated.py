@@ -57,7 +57,7 @@ def test_rp_gradient_matches_finite_differences_of_the_unrolled_loss():
   # Large temperatures make L depend strongly on θ, so float32 differences are accurate.
   lopt = MLPLOpt(lambda_exp=0.1, lambda_lin=0.1, hidden_size=8)
   problem = MLP((4, 4, 1), 3, hidden=(5,))
-  family = lambda th: lopt.optimizer(th, compiled=False)
+  family = lambda th: lopt.optimizer(th)
   step = TruncatedStep(problem, family, batch_size=8, objective='train')
   theta = lopt.init_theta(tf.constant([5, 6]))
   params = problem.init(tf.constant([0, 1]))
@@ -81,7 +81,7 @@ def test_rp_gradient_matches_finite_differences_of_the_unrolled_loss():
 def test_valid_objective_differs_and_is_differentiable():
   lopt = MLPLOpt(lambda_lin=0.1)
   problem = MLP((4, 4, 1), 3, hidden=(5,))
-  family = lambda th: lopt.optimizer(th, compiled=False)
+  family = lambda th: lopt.optimizer(th)
   theta = lopt.init_theta(tf.constant([5, 6]))
   params = problem.init(tf.constant([0, 1]))
   state = family(theta).init(params)
@@ -100,7 +100,7 @@ def test_valid_objective_differs_and_is_differentiable():
 def lopt_setup():
   lopt = MLPLOpt()
   problem = MLP((4, 4, 1), 3, hidden=(5,))
-  family = lambda th: lopt.optimizer(th, compiled=False)
+  family = lambda th: lopt.optimizer(th)
   theta = lopt.init_theta(tf.constant([5, 6]))
   params = problem.init(tf.constant([0, 1]))
   return lopt, problem, family, theta, params, family(theta).init(params)

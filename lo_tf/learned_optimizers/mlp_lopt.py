@@ -1,29 +1,42 @@
 """The per-weight MLP learned optimizer of the paper (§4.1, App. C.1).
 
 Every inner weight is fed to the same small MLP (31 features -> 32 ReLU units -> 2 outputs). Its
-features per weight (App. C.1):
+features per weight, in this order (App. C.1; where the paper leaves a detail open, the authors'
+released code, google-research `task_specific_learned_opt/fast_rolling_mlp.py`, fixes it):
 
 * the gradient g and the weight value w (2);
-* momenta m_k, EMAs of g at decays β_k in [0.5, 0.9, 0.99, 0.999, 0.9999] (5);
-* rms_k, the root of the EMA of g² at the same decays (5);
-* r_k = 1 / (rms_k + ε) and r_k · m_k (5 + 5);
-* the iteration t as tanh(t/η - 1) at 9 timescales η log-spaced over [3, 300k] (9).
+* momenta m_k, EMAs of g at the decays β_k = [0.5, 0.9, 0.99, 0.999, 0.9999] (5);
+* v_k, the EMAs of g² at the same decays (5);
+* r_k = rsqrt(v_k + ε_r), Adam's inverse root mean square (ε_r = 1e-6 as in the authors' code, so
+  r_k ≤ 1000 even for a weight whose gradient is always zero), and r_k · m_k (5 + 5);
+* the inner step t (steps taken so far) as tanh(t/η - 1) at 9 timescales η from 3 to 300k (the
+  authors' list 3, 10, 30, 100, 300, 1k, 3k, 10k, 300k).
 
-All non-time features are divided by their root-mean-square over the elements of the weight tensor
-they belong to (per tensor). The two outputs o1, o2 give the step exp(λ_exp·o1)·λ_lin·o2 with
-λ_exp = λ_lin = 1e-3, subtracted from the weight.
+All non-time features are divided by their root mean square over the elements of the weight tensor
+they belong to, rsqrt(ε_n + mean(f²)) with ε_n = 1e-5 (per tensor: "normalized by the second moment
+with regard to other elements in the batch dimension"). The two outputs o1, o2 give the step
+exp(λ_exp·o1)·λ_lin·o2 with λ_exp = λ_lin = 1e-3, subtracted from the weight.
 
-The implementation works on all inner weights at once, flattened into one vector of N elements,
-so a step costs two [N, F] x [F, 32] and [N, 32] x [32, 2] matrix products plus elementwise work
-whatever the number of weight tensors (App. F). Ablation switches (§4.5, Fig. 7) remove feature
-groups: `use_rms=False` (No RMS), `use_momentum=False` (No Mom), both (Only Grads),
-`use_time=False` (No Time).
+One *core* function computes a step for M independent trajectories at once (M θ's, M copies of the
+inner weights flattened to N elements each): the per-weight MLP is then two batched matrix products
+whatever the number of weight tensors (App. F). It has three implementations, all giving the same
+numbers to float tolerance and all differentiable with respect to every input (the second-order
+term of g_rp reaches the inner gradient through `g`):
+
+* ``reference``: plain TensorFlow ops (runs inside any graph, XLA-compiled ones included);
+* ``xla``: the reference core as one XLA-compiled function (fewer kernels for plain inner training);
+* ``custom_op``: the fused C++/CUDA kernel of `lo_tf.kernels` with its fused gradient kernel.
+
+``auto`` takes ``custom_op`` when the kernel library is built, else ``xla``.
+
+Ablation switches (§4.5, Fig. 7) remove feature groups: `use_rms=False` (No RMS), `use_momentum=False`
+(No Mom), both (Only Grads), `use_time=False` (No Time).
 """
 
+import collections
 import math
 
 import gin
-import numpy as np
 import tensorflow as tf
 
 from lo_tf.errors import UserError
@@ -31,70 +44,94 @@ from lo_tf.errors import check_int
 from lo_tf.errors import check_number
 from lo_tf.optimizers.base import Optimizer
 
-# Second-moment normalization divides by sqrt(mean(f^2) + _NORM_EPS): zero feature columns (zero
-# biases at init) stay finite in value and in first and second derivatives.
-_NORM_EPS = 1e-12
 # Largest exponent passed to exp(): the step multiplier never exceeds e^10 and never overflows.
-_MAX_LOG_STEP = 10.0
+MAX_LOG_STEP = 10.0
+AUTHORS_TIME_SCALES = (3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e5)
+IMPLEMENTATIONS = ('auto', 'custom_op', 'xla', 'reference')
+
+MLPLOptState = collections.namedtuple('MLPLOptState', ['t', 'm', 'v'])
+MLPLOptState.__doc__ = """State of the learned optimizer for one trajectory (or M, batched).
+
+Fields:
+  t: float32 scalar ([M] batched), inner steps taken so far.
+  m: float32 [N, D] ([M, N, D]) gradient EMAs at the D decays ([N, 0] when use_momentum=False).
+  v: float32 [N, D] ([M, N, D]) squared-gradient EMAs ([N, 0] when use_rms=False).
+N is the number of inner weights of all tensors, flattened and concatenated in order.
+"""
 
 
 @gin.configurable
 class MLPLOpt:
-  """The learned optimizer family: `optimizer(theta)` gives the inner optimizer for θ.
+  """The learned optimizer family: `optimizer(theta)` gives the inner optimizer u(·; θ).
 
   Args:
     hidden_size: hidden ReLU units (paper: 32).
-    decays: EMA decays of the momentum and rms features (paper: [0.5, 0.9, 0.99, 0.999, 0.9999]).
-    num_time_scales: number of tanh(t/η - 1) features, η log-spaced over `time_scale_range`.
-    time_scale_range: (lowest, highest) timescale η in inner steps (paper: (3, 300k)).
+    decays: EMA decays of the momentum and second-moment features (paper: 0.5 ... 0.9999).
+    time_scales: timescales η of the tanh(t/η - 1) features (authors' code: 3 ... 300k).
     lambda_exp: temperature of the log step size output o1 (paper: 1e-3).
     lambda_lin: temperature of the direction output o2 (paper: 1e-3).
-    epsilon: ε in r = 1/(rms + ε); also keeps rms = sqrt(v + ε²) differentiable at v = 0.
+    rms_epsilon: ε_r in r = rsqrt(v + ε_r) (authors' code: 1e-6; 1e-16 gives the unbounded
+      1/(rms + 1e-8) of earlier lo_tf versions).
+    norm_epsilon: ε_n of the per-tensor normalization (authors' code: 1e-5).
     use_momentum: feed m_k (and r_k·m_k when use_rms).
-    use_rms: feed rms_k and r_k (and r_k·m_k when use_momentum).
-    use_time: feed the 9 iteration features.
-    jit_compile: compile the per-weight update with XLA (same results, fewer kernels).
+    use_rms: feed v_k and r_k (and r_k·m_k when use_momentum).
+    use_time: feed the iteration features.
+    implementation: 'auto', 'custom_op', 'xla' or 'reference' (see the module docstring). It changes
+      speed only, so it is not part of `config()`.
+
+  Raises:
+    UserError: for values out of range, or implementation='custom_op' when the kernel library is
+      not built.
   """
 
   def __init__(self, hidden_size=32, decays=(0.5, 0.9, 0.99, 0.999, 0.9999),
-               num_time_scales=9, time_scale_range=(3.0, 3e5), lambda_exp=1e-3,
-               lambda_lin=1e-3, epsilon=1e-8, use_momentum=True, use_rms=True, use_time=True,
-               jit_compile=True):
+               time_scales=AUTHORS_TIME_SCALES, lambda_exp=1e-3, lambda_lin=1e-3,
+               rms_epsilon=1e-6, norm_epsilon=1e-5, use_momentum=True, use_rms=True,
+               use_time=True, implementation='auto'):
     check_int('MLPLOpt', 'hidden_size', hidden_size)
-    check_int('MLPLOpt', 'num_time_scales', num_time_scales)
     for name, value in (('lambda_exp', lambda_exp), ('lambda_lin', lambda_lin),
-                        ('epsilon', epsilon)):
+                        ('rms_epsilon', rms_epsilon), ('norm_epsilon', norm_epsilon)):
       check_number('MLPLOpt', name, value, 0.0, low_open=True)
-    if not isinstance(decays, (tuple, list)) or not decays:
-      raise UserError(f'MLPLOpt.decays={decays!r} must be a non-empty tuple of numbers in (0, 1)')
+    for name, values in (('decays', decays), ('time_scales', time_scales)):
+      if not isinstance(values, (tuple, list)) or not values:
+        raise UserError(f'MLPLOpt.{name}={values!r} must be a non-empty tuple of numbers')
     for d in decays:
       check_number('MLPLOpt', 'decays', d, 0.0, 1.0, low_open=True, high_open=True)
-    if (not isinstance(time_scale_range, (tuple, list)) or len(time_scale_range) != 2 or
-        not 0 < time_scale_range[0] <= time_scale_range[1]):
-      raise UserError(f'MLPLOpt.time_scale_range={time_scale_range!r} must be (low, high) with '
-                      '0 < low <= high')
-    self._config = dict(hidden_size=hidden_size, decays=list(decays),
-                        num_time_scales=num_time_scales, time_scale_range=list(time_scale_range),
-                        lambda_exp=lambda_exp, lambda_lin=lambda_lin, epsilon=epsilon,
-                        use_momentum=use_momentum, use_rms=use_rms, use_time=use_time)
+    for s in time_scales:
+      check_number('MLPLOpt', 'time_scales', s, 0.0, low_open=True)
+    for name, value in (('use_momentum', use_momentum), ('use_rms', use_rms),
+                        ('use_time', use_time)):
+      if not isinstance(value, bool):
+        raise UserError(f'MLPLOpt.{name}={value!r} must be True or False')
+    if implementation not in IMPLEMENTATIONS:
+      raise UserError(f'MLPLOpt.implementation={implementation!r}; use one of {IMPLEMENTATIONS}')
     self.hidden_size = int(hidden_size)
     self.decays = tuple(float(d) for d in decays)
-    self.time_scales = tuple(np.logspace(np.log10(time_scale_range[0]),
-                                         np.log10(time_scale_range[1]), num_time_scales))
-    self.lambda_exp, self.lambda_lin, self.epsilon = lambda_exp, lambda_lin, epsilon
+    self.time_scales = tuple(float(s) for s in time_scales)
+    self.lambda_exp, self.lambda_lin = float(lambda_exp), float(lambda_lin)
+    self.rms_epsilon, self.norm_epsilon = float(rms_epsilon), float(norm_epsilon)
     self.use_momentum, self.use_rms, self.use_time = use_momentum, use_rms, use_time
-    # XLA fuses the ~40 elementwise ops of a step into a few kernels (App. F's overhead).
-    self._step = tf.function(self.step, jit_compile=True) if jit_compile else self.step
+    self.implementation = _resolve_implementation(implementation)
+    self._xla_core = tf.function(self.reference_core, jit_compile=True)
 
   def config(self):
-    """JSON-able constructor arguments (without `jit_compile`): `MLPLOpt(**config())` rebuilds it."""
-    return dict(self._config)
+    """JSON-able constructor arguments (no `implementation`): `MLPLOpt(**config())` rebuilds it."""
+    return dict(hidden_size=self.hidden_size, decays=list(self.decays),
+                time_scales=list(self.time_scales), lambda_exp=self.lambda_exp,
+                lambda_lin=self.lambda_lin, rms_epsilon=self.rms_epsilon,
+                norm_epsilon=self.norm_epsilon, use_momentum=self.use_momentum,
+                use_rms=self.use_rms, use_time=self.use_time)
+
+  @property
+  def depth(self):
+    """D, the number of EMA decays (the last axis of m and v)."""
+    return len(self.decays)
 
   @property
   def num_weight_features(self):
-    """Normalized per-weight features: g, w, and the momentum / rms groups switched on."""
-    k = len(self.decays)
-    return 2 + k * (self.use_momentum + 2 * self.use_rms + (self.use_momentum and self.use_rms))
+    """Normalized per-weight features: g, w, and the momentum / second-moment groups switched on."""
+    d = self.depth
+    return 2 + d * (self.use_momentum + 2 * self.use_rms + (self.use_momentum and self.use_rms))
 
   @property
   def num_features(self):
@@ -127,90 +164,125 @@ class MLPLOpt:
     return tf.concat([tf.reshape(p, [-1]) for p in parts], 0)
 
   def unpack(self, theta):
-    """Splits flat θ [num_meta_params] into (W1 [F, H], b1 [H], W2 [H, 2], b2 [2])."""
+    """Splits θ [M, num_meta_params] into W1 [M, F, H], b1 [M, H], W2 [M, H, 2], b2 [M, 2]."""
     sizes = [math.prod(s) for s in self._shapes()]
-    return [tf.reshape(p, s) for p, s in zip(tf.split(theta, sizes), self._shapes())]
+    return [tf.reshape(p, [-1, *s]) for p, s in zip(tf.split(theta, sizes, axis=-1),
+                                                    self._shapes())]
 
-  def step(self, theta, grads, params, t, m, v):
-    """One learned-optimizer step on all N inner weights, flattened (App. C.1).
+  def init_state(self, num_weights, batch_shape=()):
+    """Zero `MLPLOptState` for `num_weights` inner weights and an optional leading batch shape."""
+    batch = list(batch_shape)
+    return MLPLOptState(
+        t=tf.zeros(batch), m=tf.zeros(batch + [num_weights, self.depth * self.use_momentum]),
+        v=tf.zeros(batch + [num_weights, self.depth * self.use_rms]))
+
+  def core(self, theta, g, w, t, m, v, sizes):
+    """One learned-optimizer step of M trajectories, each over N flattened inner weights.
 
     Args:
-      theta: float32 [num_meta_params].
-      grads, params: lists of float32 tensors of matching shapes (N elements in all).
-      t: float32 scalar, steps taken so far.
-      m, v: float32 [N, len(decays)] gradient and squared-gradient EMAs ([N, 0] when unused), the
-        weight tensors' elements concatenated in order.
+      theta: float32 [M, num_meta_params], one θ per trajectory.
+      g, w: float32 [M, N] gradients and weights, the inner weight tensors flattened and
+        concatenated in order.
+      t: float32 [M] inner steps taken so far.
+      m, v: float32 [M, N, D] EMAs of g and g² (depth 0 when the group is switched off).
+      sizes: tuple of Python ints, the element counts of the weight tensors (sum N); features are
+        normalized within each.
 
     Returns:
-      (new params list, t + 1, new m, new v).
+      (new w [M, N], new m, new v).
     """
-    shapes = [p.shape for p in params]
-    sizes = [math.prod(s) for s in shapes]
-    flat = lambda xs: tf.concat([tf.reshape(x, [-1]) for x in xs], 0)
-    g, w = flat(grads), flat(params)
-    t = t + 1.0
-    decays = tf.constant(self.decays)
-    g, w = g[:, None], w[:, None]
-    features = [g, w]
+    if self.implementation == 'custom_op':
+      from lo_tf.kernels import ops  # pylint: disable=g-import-not-at-top
+      return ops.mlp_lopt_step(self, theta, g, w, t, m, v, sizes)
+    if self.implementation == 'xla':
+      return self._xla_core(theta, g, w, t, m, v, tuple(sizes))
+    return self.reference_core(theta, g, w, t, m, v, tuple(sizes))
+
+  def reference_core(self, theta, g, w, t, m, v, sizes):
+    """`core` in plain TensorFlow ops: the definition the other implementations are tested against."""
+    decays = tf.constant(self.decays, g.dtype)
+    g3 = g[..., None]
+    features = [g3, w[..., None]]
     if self.use_momentum:
-      m = decays * m + (1 - decays) * g
+      m = decays * m + (1.0 - decays) * g3
       features.append(m)
     if self.use_rms:
-      v = decays * v + (1 - decays) * tf.square(g)
-      rms = tf.sqrt(v + self.epsilon**2)
-      r = 1.0 / (rms + self.epsilon)
-      features += [rms, r]
+      v = decays * v + (1.0 - decays) * tf.square(g3)
+      r = tf.math.rsqrt(v + self.rms_epsilon)
+      features += [v, r]
       if self.use_momentum:
         features.append(r * m)
-    x = tf.concat(features, 1)  # [N, num_weight_features]
-    # Per-tensor second moments by two small matrix products with the [N, num_tensors] one-hot
-    # membership matrix: few, dense, differentiable ops instead of one set per tensor.
-    members = tf.constant(np.repeat(np.eye(len(sizes), dtype=np.float32), sizes, axis=0))
-    inv_counts = tf.constant(1.0 / np.asarray(sizes, np.float32))[:, None]
-    second_moment = tf.matmul(members, tf.square(x), transpose_a=True) * inv_counts
-    x = x * tf.matmul(members, tf.math.rsqrt(second_moment + _NORM_EPS))
+    x = tf.concat(features, -1)  # [M, N, num_weight_features]
+    parts = tf.split(x, list(sizes), axis=1)
+    x = tf.concat([p * tf.math.rsqrt(self.norm_epsilon +
+                                     tf.reduce_mean(tf.square(p), axis=1, keepdims=True))
+                   for p in parts], axis=1)
     w1, b1, w2, b2 = self.unpack(theta)
     nw = self.num_weight_features
     bias = b1
     if self.use_time:
-      # Time features are the same for every weight: fold them into the bias once.
-      tau = tf.tanh(t / tf.constant(self.time_scales, tf.float32) - 1.0)
-      bias += tf.linalg.matvec(w1[nw:], tau, transpose_a=True)
-    out = tf.matmul(tf.nn.relu(tf.matmul(x, w1[:nw]) + bias), w2) + b2
-    log_scale = tf.minimum(self.lambda_exp * out[:, 0], _MAX_LOG_STEP)
-    step = tf.exp(log_scale) * self.lambda_lin * out[:, 1]
-    new = tf.split(w[:, 0] - step, sizes)
-    return [tf.reshape(p, s) for p, s in zip(new, shapes)], t, m, v
+      # The time features are the same for every weight of a trajectory: fold them into the bias.
+      tau = tf.tanh(t[:, None] / tf.constant(self.time_scales, t.dtype) - 1.0)  # [M, num_time_scales]
+      bias += tf.einsum('mf,mfh->mh', tau, w1[:, nw:])
+    hidden = tf.nn.relu(tf.matmul(x, w1[:, :nw]) + bias[:, None, :])
+    out = tf.matmul(hidden, w2) + b2[:, None, :]
+    log_scale = tf.minimum(self.lambda_exp * out[..., 0], MAX_LOG_STEP)
+    step = tf.exp(log_scale) * self.lambda_lin * out[..., 1]
+    return w - step, m, v
 
-  def optimizer(self, theta, compiled=True):
-    """The inner optimizer u(·; θ) for θ (float32 [num_meta_params]); see `LearnedOptimizer`.
+  def optimizer(self, theta):
+    """The inner optimizer u(·; θ) for θ float32 [num_meta_params] (a `LearnedOptimizer`)."""
+    return LearnedOptimizer(self, theta)
 
-    Args:
-      theta: float32 [num_meta_params].
-      compiled: use the XLA-compiled step when the family has one; pass False inside a graph
-        that is XLA-compiled as a whole.
-    """
-    return LearnedOptimizer(self, theta, self._step if compiled else self.step)
+  def batched_optimizer(self, thetas):
+    """u(·; θ_m) for M θ's at once, float32 [M, num_meta_params]: params carry a leading M axis."""
+    return LearnedOptimizer(self, thetas, batched=True)
 
 
 class LearnedOptimizer(Optimizer):
-  """The inner optimizer u(·; θ) for one θ: an ordinary `Optimizer` (init/update).
+  """The inner optimizer u(·; θ) for one θ (or M, batched): an ordinary `Optimizer`.
 
-  State: (t float32 scalar, m float32 [N, 5], v float32 [N, 5]) for N inner weights in all (the
-  weight tensors flattened and concatenated): the gradient and squared-gradient EMAs at the 5
-  decays ([N, 0] when switched off).
+  State: `MLPLOptState`. With `batched=True`, params, grads and state leaves carry a leading axis
+  of M trajectories and θ is [M, num_meta_params].
   """
 
-  def __init__(self, family, theta, step_fn):
+  def __init__(self, family, theta, batched=False):
     self.family = family
     self.theta = theta
-    self._step_fn = step_fn
+    self.batched = batched
 
   def init(self, params):
-    n, k = sum(math.prod(p.shape) for p in params), len(self.family.decays)
-    return (tf.constant(0.0), tf.zeros([n, k if self.family.use_momentum else 0]),
-            tf.zeros([n, k if self.family.use_rms else 0]))
+    if self.batched:
+      batch = params[0].shape[:1]
+      return self.family.init_state(sum(math.prod(p.shape[1:]) for p in params), batch)
+    return self.family.init_state(sum(math.prod(p.shape) for p in params))
 
   def update(self, grads, state, params):
-    new_params, t, m, v = self._step_fn(self.theta, grads, params, *state)
-    return new_params, (t, m, v)
+    lead = 1 if self.batched else 0
+    sizes = tuple(math.prod(p.shape[lead:]) for p in params)
+    flat = lambda xs: tf.concat([tf.reshape(x, [-1, math.prod(x.shape[lead:])]) for x in xs], 1)
+    g, w = flat(grads), flat(params)
+    theta, t, m, v = self.theta, state.t, state.m, state.v
+    if not self.batched:
+      theta, t, m, v = theta[None], t[None], m[None], v[None]
+    new_w, m, v = self.family.core(theta, g, w, t, m, v, sizes)
+    if not self.batched:
+      new_w, m, v = new_w[0], m[0], v[0]
+    pieces = tf.split(new_w, list(sizes), axis=-1)
+    new_params = [tf.reshape(x, p.shape) for x, p in zip(pieces, params)]
+    return new_params, MLPLOptState(state.t + 1.0, m, v)
+
+
+def _resolve_implementation(implementation):
+  """'auto' -> 'custom_op' when the kernel library loads, else 'xla' (warned once)."""
+  if implementation in ('auto', 'custom_op'):
+    from lo_tf.kernels import ops  # pylint: disable=g-import-not-at-top
+    if ops.available():
+      return 'custom_op'
+    if implementation == 'custom_op':
+      raise UserError(f'MLPLOpt.implementation=custom_op but the kernel library is not built '
+                      f'({ops.load_error()}); reinstall with `pip install -e .` where a C++ '
+                      "compiler is found, or use implementation='xla'")
+    ops.warn_fallback()
+    return 'xla'
+  return implementation

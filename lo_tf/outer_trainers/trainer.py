@@ -109,7 +109,7 @@ class OuterTrainer:
     self.num_inner_steps = experiment.trainer.num_steps
     # The XLA-compiled step helps plain inner training but not differentiated unrolls (measured:
     # 126 vs 161 unrolled steps/s), and cannot nest inside an XLA-compiled sample.
-    family = functools.partial(self.lopt.optimizer, compiled=False)
+    family = self.lopt.optimizer
     self.truncated = TruncatedStep(
         experiment.problem, family, experiment.trainer.batch_size, objective=objective,
         sigma=sigma, with_rp=estimator != 'es',

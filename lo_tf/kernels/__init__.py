@@ -1,0 +1,1 @@
+"""Fused kernels of the learned-optimizer step (paper App. F): C++ CPU and CUDA custom ops."""
