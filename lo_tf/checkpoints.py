@@ -114,7 +114,7 @@ def load_learned_optimizer(spec):
       of a shipped optimizer (see `shipped_names()`).
 
   Returns:
-    (name str, family: θ -> Optimizer, theta float32 [P] tensor, metadata dict).
+    (name str, the `MLPLOpt` (callable θ -> Optimizer), theta float32 [P] tensor, metadata dict).
 
   Raises:
     UserError: nothing found under that spec, or a corrupt or incompatible checkpoint.
@@ -129,7 +129,7 @@ def load_learned_optimizer(spec):
       raise UserError(f'shipped optimizer {spec!r}: {path} is unreadable ({e}); reinstall '
                       'lo_tf') from None
     lopt, theta = _build(meta['lopt'], theta, f'shipped optimizer {spec!r}')
-    return spec, lopt.optimizer, theta, meta
+    return spec, lopt, theta, meta
   prefix, directory = _from_checkpoint(spec)
   if prefix is None:
     raise UserError(f'no checkpoint at {spec!r}; pass a train_dir written by bin/train, a '
@@ -152,7 +152,7 @@ def load_learned_optimizer(spec):
     raise UserError(f'checkpoint {prefix} is corrupt or incompatible ({first}); use another '
                     'checkpoint') from None
   lopt, theta = _build(meta['lopt'], theta, f'checkpoint {prefix}')
-  return f'learned_{meta.get("objective", "")}'.rstrip('_'), lopt.optimizer, theta, meta
+  return f'learned_{meta.get("objective", "")}'.rstrip('_'), lopt, theta, meta
 
 
 def export_pretrained(checkpoint, name, metadata, out_dir=PRETRAINED_DIR):

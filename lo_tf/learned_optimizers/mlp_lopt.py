@@ -234,6 +234,10 @@ class MLPLOpt:
     """The inner optimizer u(·; θ) for θ float32 [num_meta_params] (a `LearnedOptimizer`)."""
     return LearnedOptimizer(self, theta)
 
+  # The family is the map θ -> optimizer (§2.1): `lopt(theta)` is `lopt.optimizer(theta)`, so an
+  # MLPLOpt serves wherever a hand-designed family (learning rate -> optimizer) does.
+  __call__ = optimizer
+
   def batched_optimizer(self, thetas):
     """u(·; θ_m) for M θ's at once, float32 [M, num_meta_params]: params carry a leading M axis."""
     return LearnedOptimizer(self, thetas, batched=True)
