@@ -56,7 +56,7 @@ def verify_digest(prefix):
   path = _digest_path(prefix)
   if not os.path.exists(path):
     return
-  digests = _read_json(path)
+  digests = read_json(path)
   for name, expected in digests.items():
     file = os.path.join(os.path.dirname(prefix), name)
     try:
@@ -74,7 +74,8 @@ def shipped_names():
   return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PRETRAINED_DIR, '*.json')))
 
 
-def _read_json(path):
+def read_json(path):
+  """A JSON file written by lo_tf; UserError (one line) if it is missing or unreadable."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -120,7 +121,7 @@ def load_learned_optimizer(spec):
     UserError: nothing found under that spec, or a corrupt or incompatible checkpoint.
   """
   if spec in shipped_names():
-    meta = _read_json(os.path.join(PRETRAINED_DIR, spec + '.json'))
+    meta = read_json(os.path.join(PRETRAINED_DIR, spec + '.json'))
     path = os.path.join(PRETRAINED_DIR, spec + '.npz')
     try:
       with np.load(path) as z:
@@ -138,7 +139,7 @@ def load_learned_optimizer(spec):
   if not os.path.exists(config_path):
     raise UserError(f'{directory} has checkpoints but no lopt.json; it was not written by '
                     'bin/train')
-  meta = _read_json(config_path)
+  meta = read_json(config_path)
   if not isinstance(meta, dict) or not isinstance(meta.get('lopt'), dict):
     raise UserError(f'{config_path} holds no learned-optimizer configuration; it was not '
                     'written by bin/train')
@@ -192,7 +193,7 @@ def export_from_flags(checkpoint, name, command, eval_results=None, git_revision
   meta = {'command': command, 'machine': platform.processor() or platform.machine()}
   throughput = os.path.join(directory, 'throughput.json')
   if os.path.exists(throughput):
-    t = _read_json(throughput)
+    t = read_json(throughput)
     meta.update(wall_seconds=t.get('wall_seconds_total') or t.get('wall_seconds_this_run'),
                 throughput=t)
   config = os.path.join(directory, 'config.gin')
@@ -203,5 +204,5 @@ def export_from_flags(checkpoint, name, command, eval_results=None, git_revision
   meta['git_revision'] = (git_revision or meta.get('throughput', {}).get('git_revision') or
                           _git_revision())
   if eval_results:
-    meta['eval_summary'] = _read_json(eval_results).get('summary')
+    meta['eval_summary'] = read_json(eval_results).get('summary')
   return export_pretrained(checkpoint, name, meta)

@@ -317,30 +317,3 @@ def load_results(path):
   """Reads a results.json written by `Evaluator.run`."""
   with open(path) as f:
     return json.load(f)
-
-
-def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_tasks, num_inits,
-                        output_dir):
-  """`bin/eval`: parses gin, builds the experiment, loads the learned optimizer, evaluates.
-
-  Raises:
-    UserError: for bad gin configuration, sources, checkpoints or output directories.
-  """
-  from lo_tf import cli  # pylint: disable=g-import-not-at-top
-  from lo_tf.experiment import build_experiment  # pylint: disable=g-import-not-at-top
-  extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
-  cli.parse_gin(gin_files, gin_bindings, extra)
-  io_utils.ensure_writable_dir(output_dir)
-  learned = None
-  if checkpoint:
-    from lo_tf import checkpoints  # pylint: disable=g-import-not-at-top
-    name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
-    learned = (name, family, theta)
-  experiment = cli.build(build_experiment)
-  results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
-                      learned=learned).run()
-  print(json.dumps(results['summary'], indent=2))
-  print(f'results: {os.path.join(output_dir, "results.json")}')
-  for path in results['plots'].values():
-    print(f'plot: {path}')
-  return results

@@ -23,6 +23,32 @@ def batch_indices(seed, step, batch_size, num_examples):
       seed, step), 0, num_examples, dtype=tf.int32)
 
 
+def inner_step(loss_fn, optimizer, params, opt_state, *batch):
+  """One inner-training step w ← u(w, ∇ℓ; θ) (paper Fig. 2), the one step every loop runs.
+
+  Inner training (`InnerTrainer`), the speed benchmark and the differentiated truncated unrolls of
+  outer-training all call this, so they train identically.
+
+  Args:
+    loss_fn: (params, *batch) -> loss; a scalar, or a vector [M] of independent trajectories'
+      losses (their sum is differentiated: each trajectory's gradient is its own).
+    optimizer: an `lo_tf.optimizers.base.Optimizer` (hand-designed, or learned at some θ).
+    params: list of float32 tensors, the inner weights.
+    opt_state: the optimizer's state nest.
+    *batch: the minibatch tensors passed to loss_fn.
+
+  Returns:
+    (loss as returned by loss_fn, new params, new optimizer state).
+  """
+  with tf.GradientTape() as tape:
+    tape.watch(params)
+    loss = loss_fn(params, *batch)
+    total = tf.reduce_sum(loss)
+  grads = tape.gradient(total, params)
+  new_params, new_state = optimizer.update(grads, opt_state, params)
+  return loss, new_params, new_state
+
+
 @dataclasses.dataclass
 class InnerCurves:
   """Curves of one inner-training run (numpy arrays).
@@ -108,11 +134,8 @@ class InnerTrainer:
         with tf.control_dependencies([i]):
           start = tf.timestamp()
         idx = batch_indices(batch_seed, i, batch_size, n_train)
-        with tf.GradientTape() as tape:
-          tape.watch(params)
-          loss = problem.loss(params, tf.gather(x_train, idx), tf.gather(y_train, idx))
-        grads = tape.gradient(loss, params)
-        new_params, new_state = opt.update(grads, state, params)
+        loss, new_params, new_state = inner_step(problem.loss, opt, params, state,
+                                                 tf.gather(x_train, idx), tf.gather(y_train, idx))
         with tf.control_dependencies(tf.nest.flatten(new_params)):
           elapsed = elapsed + (tf.timestamp() - start)
         # Non-finite weights after the update count too (a blow-up in the last step).

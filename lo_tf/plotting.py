@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from lo_tf import io_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -87,3 +88,71 @@ def figure1(summaries, records, learned_name, output_dir):
     io_utils.atomic_savefig(fig, paths['fig1c_improvement'])
     plt.close(fig)
   return paths
+
+
+def read_scalars(summary_dir):
+  """{tag: (steps int64 [n], values float64 [n])} of the scalar summaries in `summary_dir`.
+
+  Event files are read in order; a step written twice (a run resumed from an earlier checkpoint
+  replays steps) keeps its last value, as TensorBoard shows it.
+  """
+  by_tag = {}
+  for path in sorted(tf.io.gfile.glob(os.path.join(summary_dir, 'events.out.tfevents.*'))):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+          number = float(tf.make_ndarray(value.tensor)) if value.HasField('tensor') else \
+              value.simple_value
+          by_tag.setdefault(value.tag, {})[event.step] = number
+    except tf.errors.DataLossError:  # a file cut short by a kill: keep what was read
+      continue
+  return {tag: (np.array(sorted(d), np.int64), np.array([d[k] for k in sorted(d)], np.float64))
+          for tag, d in by_tag.items()}
+
+
+def outer_training(summary_dir, path):
+  """The outer-training curves of a bin/train run (paper Fig. 5) as a PNG at `path`.
+
+  Panels: the outer loss per step (and its running median); meta-evaluation on outer-train and
+  outer-test tasks; the per-element variances of g_rp and g_es (Fig. 5a); the mean weight of g_rp
+  in eq. 1. Returns `path`, or None when the summaries hold nothing to draw.
+  """
+  scalars = read_scalars(summary_dir)
+  if 'outer_loss' not in scalars:
+    return None
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+  steps, loss = scalars['outer_loss']
+  ax = axes[0, 0]
+  ax.plot(steps, loss, lw=0.5, alpha=0.5, color='tab:gray', label='per step')
+  window = max(1, len(loss) // 50)
+  if len(loss) >= window:
+    smooth = np.array([np.median(loss[max(0, i - window):i + 1]) for i in range(len(loss))])
+    ax.plot(steps, smooth, color='k', label=f'running median ({window} steps)')
+  ax.set_title('truncation outer loss L')
+  ax.legend(fontsize=8)
+  ax = axes[0, 1]
+  for tag, style in (('mean_train_loss', '-'), ('mean_valid_loss', '--')):
+    for split, color in (('outer_train', 'tab:blue'), ('outer_test', 'tab:red')):
+      key = f'meta_eval/{split}/{tag}'
+      if key in scalars:
+        ax.plot(*scalars[key], style, color=color, marker='.', label=f'{split} {tag}')
+  ax.set_title('meta-evaluation over T inner steps (Fig. 5b,c)')
+  ax.legend(fontsize=7)
+  ax = axes[1, 0]
+  for tag, color in (('var_rp', 'tab:blue'), ('var_es', 'tab:orange')):
+    if tag in scalars:
+      ax.semilogy(*scalars[tag], color=color, lw=0.8, label=tag)
+  ax.set_title('estimator variances (Fig. 5a)')
+  ax.legend(fontsize=8)
+  ax = axes[1, 1]
+  if 'rp_weight' in scalars:
+    ax.plot(*scalars['rp_weight'], color='tab:green', lw=0.8)
+  ax.set_ylim(-0.05, 1.05)
+  ax.set_title('mean weight of g_rp in eq. 1')
+  for ax in axes.flat:
+    ax.set_xlabel('outer step')
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  io_utils.atomic_savefig(fig, path)
+  plt.close(fig)
+  return path

@@ -14,6 +14,7 @@ import tensorflow as tf
 from absl import logging
 
 from lo_tf.errors import UserError
+from lo_tf.inner_training import inner_step
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.optimizers.hand_designed import Adam
 from lo_tf.optimizers.hand_designed import SGDMomentum
@@ -47,10 +48,7 @@ def make_train_loop(problem, family, batch_size, steps):
     params = problem.init(tf.constant([0, 0]))
 
     def body(i, params, state, _):
-      with tf.GradientTape() as tape:
-        tape.watch(params)
-        loss = problem.loss(params, x, y)
-      params, state = opt.update(tape.gradient(loss, params), state, params)
+      loss, params, state = inner_step(problem.loss, opt, params, state, x, y)
       return i + 1, params, state, loss
 
     return tf.while_loop(lambda i, *_: i < steps, body,

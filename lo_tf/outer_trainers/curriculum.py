@@ -1,6 +1,7 @@
 """Curriculum over the number of inner steps per truncation (paper §4.3, App. C.3)."""
 
 import gin
+import tensorflow as tf
 
 from lo_tf.errors import check_int
 from lo_tf.errors import check_number
@@ -42,6 +43,13 @@ class Curriculum:
     """
     factor = 1.0 - self.jitter + 2.0 * self.jitter * float(u)
     return max(1, int(round(self.base_length(outer_step) * factor)))
+
+  def sample_lengths(self, outer_step, u):
+    """`sample_length` in TensorFlow: int32 k (shape of u) for uniform draws u in [0, 1)."""
+    frac = tf.clip_by_value(tf.cast(outer_step, tf.float32) / self.num_outer_steps, 0.0, 1.0)
+    base = self.start + frac * (self.end - self.start)
+    factor = 1.0 - self.jitter + 2.0 * self.jitter * u
+    return tf.maximum(1, tf.cast(tf.round(base * factor), tf.int32))
 
   def max_length(self):
     """The longest k `sample_length` can return."""

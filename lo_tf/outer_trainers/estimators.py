@@ -1,69 +1,177 @@
-"""Gradient estimators of the variational outer objective (paper §3, eq. 1).
+"""Gradient estimators of the variational outer objective (paper §3, eq. 1; App. B).
 
 With θ̃ = θ + e, e ~ N(0, σ²I), the smoothed objective is 𝓛(θ) = E[L(θ̃)]. For one antithetic
-pair (θ + e, θ - e) whose unrolls start from the same inner state and see the same batches:
+pair (θ + e, θ - e) whose unrolls start from the same inner state and see the same minibatches:
 
   g_rp = ∇θ ½(L⁺ + L⁻)                (reparameterization: backprop through the unrolls)
   g_es = ½(L⁺ - L⁻) · e / σ²          (evolution strategies: the log-derivative trick)
 
-Over a batch of S such samples, each estimator's per-element empirical mean and variance are formed
-and merged by inverse-variance weighting (eq. 1):
+`MergedEstimator` (the worker side of Algorithm 1) computes one such pair for every worker in one
+graph execution and returns them per sample (`EstimatorOutput`), so outputs of any batches of workers
+concatenate exactly. `merge` (the learner side) forms each estimator's per-element empirical mean
+and variance over the finite samples and combines them by inverse-variance weighting (eq. 1):
 
-  g_merged = (g_rp σ_rp⁻² + g_es σ_es⁻²) / (σ_rp⁻² + σ_es⁻²).
+  g_merged = (g_rp σ_rp⁻² + g_es σ_es⁻²) / (σ_rp⁻² + σ_es⁻²),
 
-As in the paper, the same samples serve for the means and the variances.
+each variance plus `variance_epsilon` (1e-8 in the authors' `es_grad_inv_var.py`). As in the paper,
+the same samples serve for the means and the variances.
 """
 
-import numpy as np
+import collections
+
+import gin
+import tensorflow as tf
+
+from lo_tf.errors import UserError
+from lo_tf.errors import check_number
+from lo_tf.outer_trainers.truncated_step import select
+from lo_tf.outer_trainers.truncated_step import tile_state
 
 ESTIMATORS = ('merged', 'rp', 'es')
 
+EstimatorOutput = collections.namedtuple(
+    'EstimatorOutput', ['g_rp', 'g_es', 'loss_pos', 'loss_neg', 'finite', 'lengths',
+                        'train_loss', 'reset'])
+EstimatorOutput.__doc__ = """One antithetic sample per worker, for eq. 1 (a batch of S samples).
 
-def es_gradient(loss_pos, loss_neg, noise, sigma):
-  """One antithetic ES sample ½(L⁺ - L⁻)·e/σ² (float arrays like `noise`)."""
-  return 0.5 * (loss_pos - loss_neg) * noise / sigma**2
+Fields:
+  g_rp, g_es: float32 [S, P] the two estimates of ∇𝓛(θ) (g_rp is zeros for the ES-only ablation).
+  loss_pos, loss_neg: float32 [S] the truncation outer losses L⁺, L⁻.
+  finite: bool [S], False drops the sample (non-finite losses, gradients or end state).
+  lengths: int32 [S] k, the inner steps each trajectory of the pair ran.
+  train_loss: float32 [S] mean inner train loss over the + trajectory's truncation.
+  reset: bool [S] workers that started a new task before this truncation.
+"""
 
 
-def _mean_var(samples):
-  n = samples.shape[0]
-  mean = samples.mean(0)
-  # Unbiased variance; a single sample has no spread to estimate, so it reads as 0.
-  var = ((samples - mean)**2).sum(0) / max(n - 1, 1)
-  return mean, var
+def concat_outputs(outputs):
+  """Concatenates `EstimatorOutput`s of several batches of workers into one batch."""
+  return EstimatorOutput(*[tf.concat(list(field), 0) for field in zip(*outputs)])
 
 
-def combine(g_rp, g_es, finite, estimator='merged'):
-  """Combines per-sample estimates into one outer gradient (eq. 1).
+def merge(output, estimator='merged', variance_epsilon=1e-8):
+  """Combines a batch of samples into one outer-gradient estimate (eq. 1).
 
   Args:
-    g_rp: float64 [S, P] reparameterization samples.
-    g_es: float64 [S, P] ES samples.
-    finite: bool [S]; False drops the sample (non-finite losses or gradients).
+    output: `EstimatorOutput` of S samples.
     estimator: 'merged' (eq. 1), 'rp' or 'es' (the Fig. 7 ablations).
+    variance_epsilon: added to each per-element variance.
 
   Returns:
-    (gradient float64 [P] or None when no sample is finite, stats dict with 'num_used',
-    'var_rp' and 'var_es' (mean over elements of the per-element variances), 'rp_weight'
-    (mean share of g_rp in the merged gradient)).
+    (gradient float32 [P] (zeros when no sample is finite), dict of float32 scalars: num_used,
+    var_rp and var_es (means over elements of the per-element variances), rp_weight (mean share of
+    g_rp in the merged gradient)).
 
   Raises:
-    ValueError: for an unknown estimator.
+    UserError: for an unknown estimator.
   """
   if estimator not in ESTIMATORS:
-    raise ValueError(f'unknown estimator {estimator!r}; choose one of {ESTIMATORS}')
-  finite = np.asarray(finite, bool)
-  stats = {'num_used': int(finite.sum())}
-  if not finite.any():
-    return None, stats
-  mean_rp, var_rp = _mean_var(np.asarray(g_rp, np.float64)[finite])
-  mean_es, var_es = _mean_var(np.asarray(g_es, np.float64)[finite])
-  total = var_rp + var_es
-  # w_rp = σ_rp⁻² / (σ_rp⁻² + σ_es⁻²) = σ_es² / (σ_rp² + σ_es²): finite even when a variance is 0.
-  w_rp = np.where(total > 0, var_es / np.where(total > 0, total, 1.0), 0.5)
-  if estimator == 'rp':
-    w_rp = np.ones_like(w_rp)
-  elif estimator == 'es':
-    w_rp = np.zeros_like(w_rp)
-  stats.update(var_rp=float(var_rp.mean()), var_es=float(var_es.mean()),
-               rp_weight=float(w_rp.mean()))
-  return w_rp * mean_rp + (1 - w_rp) * mean_es, stats
+    raise UserError(f'unknown estimator {estimator!r}; use one of {ESTIMATORS}')
+  used = tf.cast(output.finite, tf.float32)[:, None]
+  n = tf.reduce_sum(used)
+
+  def mean_var(samples):
+    samples = tf.where(used > 0, samples, 0.0)  # a dropped sample may hold NaN
+    mean = tf.reduce_sum(samples, 0) / tf.maximum(n, 1.0)
+    # Unbiased variance; one sample has no spread to estimate, so it reads as 0.
+    var = tf.reduce_sum(used * tf.square(samples - mean), 0) / tf.maximum(n - 1.0, 1.0)
+    return mean, var + variance_epsilon
+
+  mean_rp, var_rp = mean_var(output.g_rp)
+  mean_es, var_es = mean_var(output.g_es)
+  if estimator == 'merged':
+    # w_rp = σ_rp⁻² / (σ_rp⁻² + σ_es⁻²) = σ_es² / (σ_rp² + σ_es²).
+    w_rp = var_es / (var_rp + var_es)
+  else:
+    w_rp = tf.fill(tf.shape(mean_rp), 1.0 if estimator == 'rp' else 0.0)
+  grad = w_rp * mean_rp + (1.0 - w_rp) * mean_es
+  stats = {'num_used': n, 'var_rp': tf.reduce_mean(var_rp), 'var_es': tf.reduce_mean(var_es),
+           'rp_weight': tf.reduce_mean(w_rp)}
+  return tf.where(n > 0, grad, tf.zeros_like(grad)), stats
+
+
+@gin.configurable(denylist=['truncated_step', 'curriculum'])
+class MergedEstimator:
+  """Antithetic rp/es samples of every worker's next truncation (App. B, Algorithm 1, worker side).
+
+  `estimate(θ, state, outer_step, seed) -> (EstimatorOutput, next state)` runs as one traced graph:
+  workers that reached T (or whose last sample was non-finite) start a new task with fresh weights;
+  each worker draws its truncation length k from the curriculum (its first truncation on a task
+  takes a uniform fraction of k, so workers fall out of phase and one outer update sees every
+  phase of inner training); 2S trajectories (θ + e_s and θ - e_s for each worker s) unroll k_s
+  steps from the worker's state on the same minibatches; the + trajectory's end state becomes the
+  worker's state (Algorithm 1: "assign the current inner-parameter w from one of the two
+  sequences"). A worker whose sample is not finite asks for a new task.
+
+  Args:
+    truncated_step: `lo_tf.outer_trainers.truncated_step.TruncatedStep`.
+    curriculum: `lo_tf.outer_trainers.curriculum.Curriculum`.
+    sigma: standard deviation of e (paper text: σ² = 0.01; the authors' code: σ = 0.01).
+    estimator: 'merged', 'rp' or 'es'; 'es' skips the backward pass.
+
+  Raises:
+    UserError: for a non-positive sigma or an unknown estimator.
+  """
+
+  def __init__(self, truncated_step, curriculum, sigma=0.1, estimator='merged'):
+    if estimator not in ESTIMATORS:
+      raise UserError(f'estimator={estimator!r}; use one of {ESTIMATORS}')
+    self.step = truncated_step
+    self.curriculum = curriculum
+    self.sigma = check_number('MergedEstimator', 'sigma', sigma, 0.0, low_open=True)
+    self.estimator = estimator
+    self.estimate = tf.function(self._estimate)
+
+  def init_worker_state(self, num_workers):
+    """Initial `WorkerState` of `num_workers` workers (each starts a task at the first estimate)."""
+    return self.step.init_worker_state(num_workers)
+
+  def _estimate(self, theta, state, outer_step, seed):
+    """One sample per worker (see the class docstring).
+
+    Args:
+      theta: float32 [P] (a tensor or variable).
+      state: `WorkerState` of S workers.
+      outer_step: int64 scalar, the curriculum position.
+      seed: int64 [2]; the whole sample is a pure function of (θ, state, outer_step, seed).
+
+    Returns:
+      (`EstimatorOutput` of S samples, next `WorkerState`).
+    """
+    fold = lambda i: tf.random.experimental.stateless_fold_in(seed, i)
+    state, reset = self.step.reset(state, fold(0))
+    s = state.inner_step.shape[0]
+    k = self.curriculum.sample_lengths(outer_step, tf.random.stateless_uniform([s], fold(1)))
+    # First truncation on a task: a uniform fraction of k, which desynchronizes the workers.
+    first = tf.cast(tf.math.ceil(tf.cast(k, tf.float32) * tf.random.stateless_uniform(
+        [s], fold(2))), tf.int32)
+    k = tf.where(reset, tf.maximum(first, 1), k)
+    k = tf.minimum(k, self.step.num_inner_steps - state.inner_step)
+    theta = tf.convert_to_tensor(theta)
+    noise = self.sigma * tf.random.stateless_normal([s, theta.shape[0]], fold(3))
+    pairs = tile_state(state, 2)
+    lengths = tf.tile(k, [2])
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      thetas = tf.concat([theta + noise, theta - noise], 0)
+      tape.watch(thetas)
+      losses, end, train_loss = self.step.unroll(thetas, pairs, lengths, fold(4), pairs=2)
+      loss_pos, loss_neg = losses[:s], losses[s:]
+      objective = 0.5 * tf.reduce_sum(loss_pos + loss_neg)
+    if self.estimator == 'es':
+      g_rp = tf.zeros_like(noise)
+    else:
+      d = tape.gradient(objective, thetas)
+      g_rp = d[:s] + d[s:]  # ∂/∂θ of ½(L⁺ + L⁻) through θ + e and θ - e
+    g_es = (0.5 * (loss_pos - loss_neg) / self.sigma**2)[:, None] * noise
+    end_pos = tf.nest.map_structure(lambda x: x[:s], end)
+    finite = tf.reduce_all(tf.stack(
+        [tf.math.is_finite(loss_pos), tf.math.is_finite(loss_neg),
+         tf.reduce_all(tf.math.is_finite(g_rp), 1), tf.reduce_all(tf.math.is_finite(g_es), 1)] +
+        [tf.reduce_all(tf.math.is_finite(tf.reshape(x, [s, -1])), 1)
+         for x in tf.nest.flatten((end_pos.params, end_pos.opt_state))
+         if x.dtype.is_floating]), 0)
+    failed = state._replace(task_seed=-tf.ones_like(state.task_seed))
+    next_state = select(finite, end_pos, failed)
+    out = EstimatorOutput(g_rp=g_rp, g_es=g_es, loss_pos=loss_pos, loss_neg=loss_neg,
+                          finite=finite, lengths=k, train_loss=train_loss[:s], reset=reset)
+    return out, next_state

@@ -23,6 +23,7 @@ from lo_tf.errors import check_number
 
 OUTER_TRAIN = 'outer_train'
 OUTER_TEST = 'outer_test'
+_SPLIT_IDS = {OUTER_TRAIN: 0, OUTER_TEST: 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,7 @@ class TaskDistribution:
       raise UserError(f'a class with {self.examples_per_class} images cannot be split into '
                       f'inner-train and inner-valid at valid_fraction={self.valid_fraction}; '
                       'use classes with at least 2 images or change valid_fraction')
+    self._build_tables()
 
   def classes(self, split):
     """Class ids (int64 [C_split]) of `split` in its source. Raises UserError for unknown splits."""
@@ -199,9 +201,66 @@ class TaskDistribution:
       raise UserError(f'unknown split {split!r}; use {OUTER_TRAIN!r} or {OUTER_TEST!r}')
     return self._classes[split]
 
+  def _build_tables(self):
+    """In-graph task tables: all pixels (uint8) and, per split, its classes' member indices."""
+    offsets = np.cumsum([0] + [len(im) for im in self._images])
+    self.pixels = tf.constant(np.concatenate(self._images))  # uint8 [N_all, H, W, C]
+    self._tables = {}
+    for split, (src, classes) in self._classes.items():
+      members = [self._members[src][c] + offsets[src] for c in classes]
+      width = max(len(m) for m in members)
+      table = np.zeros((len(members), width), np.int32)
+      for row, m in zip(table, members):
+        row[:len(m)] = m
+      self._tables[split] = (tf.constant(table),
+                             tf.constant([len(m) for m in members], tf.int32))
+
+  def task_indices(self, split, seed):
+    """The K-way task of `split` determined by `seed`, as indices into `pixels` (paper §4.2).
+
+    A pure TensorFlow function of (split, seed), usable inside graphs: K classes are drawn without
+    replacement from the split, and from each class `examples_per_class` images in random order,
+    the first `n_valid` inner-valid and the rest inner-train. Labels are implied by position:
+    entry j of the train (valid) indices has label j // n_train (j // n_valid).
+
+    Args:
+      split: OUTER_TRAIN or OUTER_TEST (a Python string).
+      seed: int or int64 scalar tensor.
+
+    Returns:
+      (train int32 [K * n_train], valid int32 [K * n_valid], classes int32 [K]: positions in
+      `classes(split)`).
+
+    Raises:
+      UserError: for an unknown split.
+    """
+    self._split(split)
+    table, counts = self._tables[split]
+    base = tf.stack([tf.cast(seed, tf.int64), tf.constant(_SPLIT_IDS[split], tf.int64)])
+    k, e = self.num_classes, self.examples_per_class
+    keys = tf.random.stateless_uniform(tf.shape(counts), base)
+    classes = tf.math.top_k(keys, k).indices
+    width = tf.shape(table)[1]
+    member_keys = tf.random.stateless_uniform(
+        [k, width], tf.random.experimental.stateless_fold_in(base, 1))
+    # Padding entries (beyond a class's count) sort last.
+    member_keys += tf.cast(tf.range(width)[None, :] >= tf.gather(counts, classes)[:, None],
+                           tf.float32) * 2.0
+    order = tf.math.top_k(-member_keys, e).indices
+    chosen = tf.gather(tf.gather(table, classes), order, batch_dims=1)  # [K, E]
+    valid = tf.reshape(chosen[:, :self.n_valid], [-1])
+    train = tf.reshape(chosen[:, self.n_valid:], [-1])
+    return train, valid, classes
+
+  def images(self, indices):
+    """float32 images in [0, 1] (shape of `indices` + image_shape) for indices into `pixels`."""
+    return tf.cast(tf.gather(self.pixels, indices), tf.float32) / 255.0
+
   @functools.lru_cache(maxsize=32)
   def sample_task(self, split, seed):
-    """Samples the K-way task of `split` determined by `seed` (paper §4.2).
+    """Samples the K-way task of `split` determined by `seed` (paper §4.2), on the host.
+
+    The same task `task_indices(split, seed)` gives inside graphs.
 
     Args:
       split: OUTER_TRAIN or OUTER_TEST.
@@ -210,23 +269,10 @@ class TaskDistribution:
     Returns:
       A `Task` with x_train float32 [K*n_train, H, W, C] and x_valid float32 [K*n_valid, H, W, C].
     """
-    src, classes = self._split(split)
-    rng = np.random.default_rng([int(seed), 0 if split == OUTER_TRAIN else 1])
-    chosen = rng.choice(classes, size=self.num_classes, replace=False)
-    train_idx, valid_idx = [], []
-    for c in chosen:
-      idx = rng.permutation(self._members[src][c])[:self.examples_per_class]
-      valid_idx.append(idx[:self.n_valid])
-      train_idx.append(idx[self.n_valid:])
-    images = self._images[src]
-
-    def tensors(groups):
-      x = np.concatenate([images[g] for g in groups]).astype(np.float32) / 255.0
-      y = np.concatenate([np.full(len(g), k, np.int32) for k, g in enumerate(groups)])
-      return tf.constant(x), tf.constant(y)
-
-    x_train, y_train = tensors(train_idx)
-    x_valid, y_valid = tensors(valid_idx)
+    train, valid, classes = self.task_indices(split, int(seed))
+    src, split_classes = self._split(split)
+    chosen = split_classes[classes.numpy()]
+    labels = lambda n: tf.constant(np.repeat(np.arange(self.num_classes, dtype=np.int32), n))
     names = tuple(self._sources[src].class_names[c] for c in chosen)
-    return Task(x_train, y_train, x_valid, y_valid, chosen.astype(np.int64), names, split,
-                int(seed))
+    return Task(self.images(train), labels(self.n_train), self.images(valid),
+                labels(self.n_valid), chosen.astype(np.int64), names, split, int(seed))

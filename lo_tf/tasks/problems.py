@@ -58,6 +58,28 @@ class Problem:
     logits = self.logits(params, x)
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
 
+  def batched_logits(self, params, x):
+    """float32 [M, B, num_classes] logits of M independent networks.
+
+    Args:
+      params: list like `init`'s, each with a leading axis of M trajectories.
+      x: float32 [M, B, H, W, C] images, one batch per trajectory.
+    """
+    return tf.stack([self.logits([p[i] for p in params], x[i]) for i in range(x.shape[0])])
+
+  def batched_loss(self, params, x, y, clip=None):
+    """float32 [M] mean softmax cross-entropy of each of M networks (see `batched_logits`).
+
+    Args:
+      params, x: as in `batched_logits`.
+      y: int32 [M, B] labels.
+      clip: if given, each loss is min(loss, clip) (the authors' code clips inner and meta losses
+        at 10, `base_arch.py`), so one diverging trajectory cannot dominate an outer gradient.
+    """
+    logits = self.batched_logits(params, x)
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits), axis=-1)
+    return loss if clip is None else tf.minimum(loss, clip)
+
   def loss_and_accuracy(self, params, x, y):
     """(mean cross-entropy, accuracy in [0, 1]), both float32 scalars."""
     logits = self.logits(params, x)
@@ -77,8 +99,11 @@ class ConvNet(Problem):
   """
 
   def __init__(self, input_shape, num_classes, channels=(32, 32, 32), strides=(2, 2, 1),
-               kernel_size=3):
+               kernel_size=3, batched_conv='loop'):
     super().__init__(input_shape, num_classes)
+    if batched_conv not in ('loop', 'patches'):
+      raise UserError(f"ConvNet.batched_conv={batched_conv!r}; use 'loop' or 'patches'")
+    self.batched_conv = batched_conv
     if not isinstance(channels, (tuple, list)) or not isinstance(strides, (tuple, list)):
       raise UserError(f'ConvNet.channels={channels!r} and strides={strides!r} must be tuples')
     if len(channels) != len(strides) or not channels:
@@ -103,6 +128,28 @@ class ConvNet(Problem):
     h = tf.reduce_mean(h, axis=[1, 2])
     return tf.matmul(h, params[-2]) + params[-1]
 
+  def batched_logits(self, params, x):
+    """M networks at once (see `Problem.batched_logits`).
+
+    `batched_conv='loop'` runs one convolution per network; 'patches' turns every layer into one
+    batched matrix product over extracted image patches (TensorFlow has no CPU gradient for
+    grouped convolutions, the other way to batch convolutions with different filters).
+    """
+    if self.batched_conv == 'loop':
+      return super().batched_logits(params, x)
+    h, k = x, self.kernel_size
+    for i, stride in enumerate(self.strides):
+      m, size = h.shape[0], h.shape[2:]
+      patches = tf.image.extract_patches(tf.reshape(h, [-1, *size]), [1, k, k, 1],
+                                         [1, stride, stride, 1], [1, 1, 1, 1], 'SAME')
+      out_hw = patches.shape[1:3]
+      filters = tf.reshape(params[2 * i], [m, k * k * size[-1], -1])
+      h = tf.matmul(tf.reshape(patches, [m, -1, k * k * size[-1]]), filters)
+      h = tf.reshape(h, [m, -1, *out_hw, filters.shape[-1]])
+      h = tf.nn.relu(h + params[2 * i + 1][:, None, None, None, :])
+    h = tf.reduce_mean(h, axis=[2, 3])
+    return tf.matmul(h, params[-2]) + params[-1][:, None, :]
+
 
 @gin.configurable
 class MLP(Problem):
@@ -126,3 +173,10 @@ class MLP(Problem):
     for i in range(len(self.hidden)):
       h = tf.nn.relu(tf.matmul(h, params[2 * i]) + params[2 * i + 1])
     return tf.matmul(h, params[-2]) + params[-1]
+
+  def batched_logits(self, params, x):
+    # Fully connected layers batch natively: one batched matmul per layer for all M networks.
+    h = tf.reshape(x, [x.shape[0], tf.shape(x)[1], -1])
+    for i in range(len(self.hidden)):
+      h = tf.nn.relu(tf.matmul(h, params[2 * i]) + params[2 * i + 1][:, None, :])
+    return tf.matmul(h, params[-2]) + params[-1][:, None, :]

@@ -1,4 +1,4 @@
-"""Shared plumbing of the `bin/` tools: flag parsing, gin parsing, one-line errors with exit 2."""
+"""The flag plumbing of every `bin/` tool: flag and gin parsing, one-line errors with exit 2."""
 
 import os
 import sys
@@ -10,7 +10,8 @@ from absl import flags
 from absl import logging
 import gin
 
-from lo_tf.errors import UserError  # re-exported for bin/ tools
+from lo_tf import all_configurables  # pylint: disable=unused-import  (every gin name is known)
+from lo_tf.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -27,6 +28,12 @@ def _parse_flags(argv):
     _fail(f'{str(e).splitlines()[0]}; see --help')
 
 
+def check_no_arguments(argv):
+  """Raises UserError for positional arguments (every bin/ tool takes --name=value flags only)."""
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments {argv[1:]}; flags are --name=value')
+
+
 def define_gin_flags():
   """Defines --gin_file and --gin_bindings (binaries adopt them to list them in --help)."""
   flags.DEFINE_multi_string('gin_file', [], 'Gin config file(s), parsed in order.')
@@ -39,8 +46,6 @@ def parse_gin(gin_files, gin_bindings, extra_bindings=()):
   Raises:
     UserError: for a missing gin file, an unknown configurable or parameter, or a syntax error.
   """
-  # Import every module that registers configurables so unknown names are caught here.
-  import lo_tf.all_configurables  # pylint: disable=g-import-not-at-top,unused-import
   if not gin_files:
     raise UserError('no --gin_file given; pass a config, e.g. --gin_file=gin/quickstart.gin')
   for f in gin_files:

@@ -1,0 +1,1 @@
+"""What the `bin/` tools call: flag and gin plumbing, and one `*_from_flags` per tool."""

@@ -1,0 +1,35 @@
+"""`bin/eval`: the learned optimizer against tuned baselines on held-out tasks (paper §4.4)."""
+
+import json
+import os
+
+from lo_tf import all_configurables  # pylint: disable=unused-import
+from lo_tf import checkpoints
+from lo_tf import io_utils
+from lo_tf.evaluation import Evaluator
+from lo_tf.experiment import build_experiment
+from lo_tf.launch import common
+
+
+def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_tasks, num_inits,
+                        output_dir):
+  """Parses gin, builds the experiment, loads the learned optimizer, evaluates, prints a summary.
+
+  Raises:
+    UserError: for bad gin configuration, sources, checkpoints or output directories.
+  """
+  extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
+  common.parse_gin(gin_files, gin_bindings, extra)
+  learned = None
+  if checkpoint:
+    name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
+    learned = (name, family, theta)
+  experiment = common.build(build_experiment)
+  io_utils.ensure_writable_dir(output_dir)
+  results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
+                      learned=learned).run()
+  print(json.dumps(results['summary'], indent=2))
+  print(f'results: {os.path.join(output_dir, "results.json")}')
+  for name, path in results['plots'].items():
+    print(f'{name}: {path}')
+  return results

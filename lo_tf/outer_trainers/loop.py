@@ -1,0 +1,335 @@
+"""The outer-training loop (paper App. B, Algorithm 1; §4.3): bookkeeping around estimator + learner.
+
+Each outer step is one call of the gradient estimator (every worker's antithetic truncation, one
+graph execution) and one call of the learner (eq. 1 and an Adam step, another). Everything else
+lives here, in separate pieces: `Checkpoints` (resume, digests, the best-θ checkpoint),
+`Summaries` (TensorBoard), the meta-evaluation (`meta_eval.MetaEvaluator`), a tqdm progress bar and
+the throughput record.
+
+A run is a pure function of its configuration and seed: the estimator's randomness at outer step i
+is seeded by (seed, i), and the checkpoint holds θ, Adam's slots, the outer step (hence the
+curriculum position) and every worker's inner state, so a resumed run continues exactly where the
+killed one was.
+"""
+
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import gin
+import numpy as np
+import tensorflow as tf
+import tqdm
+from absl import logging
+
+from lo_tf import checkpoints
+from lo_tf import io_utils
+from lo_tf import plotting
+from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
+from lo_tf.outer_trainers.curriculum import Curriculum
+from lo_tf.outer_trainers.estimators import MergedEstimator
+from lo_tf.outer_trainers.learner import OuterLearner
+from lo_tf.outer_trainers.meta_eval import MetaEvaluator
+from lo_tf.outer_trainers.truncated_step import TruncatedStep
+
+LOPT_CONFIG = 'lopt.json'
+THROUGHPUT = 'throughput.json'
+BEST = 'best'
+OUTER_TRAINING_PNG = 'outer_training.png'
+
+
+def git_revision():
+  """The git revision of this lo_tf checkout, or "unknown"."""
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+class Checkpoints:
+  """The run's checkpoints in train_dir and the best θ by meta-evaluation in train_dir/best.
+
+  Args:
+    train_dir: the run's directory.
+    trackables: {name: trackable} of everything to save (θ, outer optimizer, step, workers).
+    metadata: JSON-able description of the configuration; a resume with a different one is
+      refused (`lopt.json`, also written beside the best θ so it loads on its own).
+    keep: checkpoints kept.
+  """
+
+  def __init__(self, train_dir, trackables, metadata, keep):
+    self.train_dir, self.metadata = train_dir, metadata
+    self.checkpoint = tf.train.Checkpoint(**trackables)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, train_dir, max_to_keep=keep)
+    self._best = tf.train.Checkpoint(theta=trackables['theta'], step=trackables['step'])
+    self.best_dir = os.path.join(train_dir, BEST)
+    self._best_manager = tf.train.CheckpointManager(self._best, self.best_dir, max_to_keep=1)
+
+  def restore(self):
+    """Restores the latest checkpoint, if any, after checking it belongs to this configuration.
+
+    Returns:
+      True if a checkpoint was restored.
+
+    Raises:
+      UserError: a checkpoint of another configuration, or none that can be read.
+    """
+    config_path = os.path.join(self.train_dir, LOPT_CONFIG)
+    latest = self.manager.latest_checkpoint
+    leftovers = tf.io.gfile.glob(os.path.join(self.train_dir, 'ckpt-*.index'))
+    if latest is None and (leftovers or os.path.exists(os.path.join(self.train_dir,
+                                                                    'checkpoint'))):
+      raise UserError(f'--train_dir {self.train_dir} holds checkpoint files but no readable '
+                      "'checkpoint' index pointing at one; restore that file or use a fresh "
+                      '--train_dir')
+    if latest is None:
+      return False
+    saved = checkpoints.read_json(config_path)
+    mismatch = [k for k in self.metadata if saved.get(k) != self.metadata[k]]
+    if mismatch:
+      raise UserError(f'--train_dir {self.train_dir} holds a run with a different {mismatch[0]} '
+                      f'({saved.get(mismatch[0])!r} vs {self.metadata[mismatch[0]]!r}); use a '
+                      'fresh --train_dir or the same configuration')
+    checkpoints.verify_digest(latest)
+    try:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+    except Exception as e:  # TF raises DataLossError, NotFoundError, ValueError, ...
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise UserError(f'checkpoint {latest} is corrupt or incompatible ({first}); delete '
+                      f'{self.train_dir} or pass a fresh --train_dir') from None
+    logging.info('resumed from %s', latest)
+    return True
+
+  def write_metadata(self):
+    """Writes lopt.json into the run and best directories (after the lock and the checks)."""
+    for directory in (self.train_dir, self.best_dir):
+      io_utils.ensure_writable_dir(directory)
+      io_utils.atomic_write_json(os.path.join(directory, LOPT_CONFIG), self.metadata)
+
+  def save(self, step):
+    """Saves every trackable as ckpt-<step>, with its digest."""
+    _check_finite(self.checkpoint.theta)
+    checkpoints.write_digest(self.manager.save(checkpoint_number=step))
+    checkpoints.remove_stale_digests(self.train_dir)
+
+  def save_best(self, step):
+    """Saves θ as the best so far (train_dir/best/ckpt-<step>)."""
+    _check_finite(self.checkpoint.theta)
+    checkpoints.write_digest(self._best_manager.save(checkpoint_number=step))
+    checkpoints.remove_stale_digests(self.best_dir)
+
+  @property
+  def latest(self):
+    return self.manager.latest_checkpoint
+
+
+def _check_finite(theta):
+  if not np.all(np.isfinite(theta.numpy())):  # the learner never lets this happen
+    raise RuntimeError('refusing to checkpoint a non-finite θ')
+
+
+class Summaries:
+  """TensorBoard scalars in train_dir/summaries (tf.summary)."""
+
+  def __init__(self, directory):
+    self.writer = tf.summary.create_file_writer(directory)
+
+  def write(self, step, scalars, prefix=''):
+    with self.writer.as_default(step=step):
+      for key, value in scalars.items():
+        value = float(value)
+        if math.isfinite(value):
+          tf.summary.scalar(prefix + key, value)
+
+  def flush(self):
+    self.writer.flush()
+
+
+@gin.configurable
+class OuterTrainer:
+  """Outer-trains θ of a learned optimizer on an experiment's outer-train tasks (Algorithm 1).
+
+  The pieces are gin-configured on their own: `TruncatedStep` (objective, meta-loss batches, loss
+  clip), `MergedEstimator` (σ, estimator), `Curriculum`, `OuterLearner` (outer learning rate, β1,
+  clipping), `MLPLOpt` (the learned optimizer's features).
+
+  Args:
+    experiment: `lo_tf.experiment.Experiment`: task distribution, inner problem and the inner
+      trainer (its num_steps is T, its batch_size the inner minibatch).
+    train_dir: checkpoints, summaries, lopt.json, throughput.json and outer_training.png go here.
+    num_workers: S, workers (antithetic samples) per outer step (paper: 128).
+    num_outer_steps: outer steps to train for (a resumed run continues up to this count).
+    checkpoint_every: save every this many outer steps (and at the end).
+    keep_checkpoints: checkpoints kept.
+    meta_eval_every: meta-evaluate every this many outer steps (and at the first and last); the
+      best θ by outer-train meta-loss is kept in train_dir/best.
+    meta_eval_tasks: tasks per split of the meta-evaluation.
+    max_unusable_steps: stop with an error after this many consecutive outer steps in which θ did
+      not change (no finite sample, or a rejected non-finite update).
+    seed: seeds θ's initialization and every outer step's randomness.
+    family: the learned optimizer family (default: gin-configured `MLPLOpt()`).
+
+  Raises:
+    UserError: for bad settings.
+  """
+
+  def __init__(self, experiment, train_dir, num_workers=8, num_outer_steps=1000,
+               checkpoint_every=25, keep_checkpoints=3, meta_eval_every=100, meta_eval_tasks=20,
+               max_unusable_steps=20, seed=0, family=None):
+    for name, value in (('num_workers', num_workers), ('num_outer_steps', num_outer_steps),
+                        ('checkpoint_every', checkpoint_every),
+                        ('keep_checkpoints', keep_checkpoints),
+                        ('meta_eval_every', meta_eval_every), ('meta_eval_tasks', meta_eval_tasks),
+                        ('max_unusable_steps', max_unusable_steps)):
+      check_int('OuterTrainer', name, value)
+    self.seed = check_int('OuterTrainer', 'seed', seed, minimum=0)
+    self.exp, self.train_dir = experiment, train_dir
+    self.num_workers, self.num_outer_steps = num_workers, num_outer_steps
+    self.checkpoint_every, self.meta_eval_every = checkpoint_every, meta_eval_every
+    self.max_unusable_steps = max_unusable_steps
+    self.family = family or MLPLOpt()
+    trainer = experiment.trainer
+    step = TruncatedStep(experiment.tasks, experiment.problem, self.family, trainer.num_steps,
+                         trainer.batch_size)
+    self.estimator = MergedEstimator(step, Curriculum())
+    self.learner = OuterLearner(self.family.init_theta(tf.constant([seed, 0])),
+                                objective=step.objective, estimator=self.estimator.estimator)
+    self.meta_eval = MetaEvaluator(experiment, self.family, step.objective, meta_eval_tasks)
+    self.step = tf.Variable(0, dtype=tf.int64, name='outer_step')
+    self.wall_seconds = tf.Variable(0.0, dtype=tf.float64, name='wall_seconds')
+    self.best_score = tf.Variable(np.inf, dtype=tf.float64, name='best_meta_eval_score')
+    self.workers = tf.nest.map_structure(
+        tf.Variable, self.estimator.init_worker_state(num_workers))
+    self.metadata = {'lopt': self.family.config(), 'objective': step.objective,
+                     'estimator': self.estimator.estimator,
+                     'num_meta_params': self.family.num_meta_params,
+                     'num_inner_params': experiment.problem.num_params,
+                     'num_workers': num_workers, 'num_inner_steps': trainer.num_steps}
+    trackables = dict(self.learner.trackables(), step=self.step, wall_seconds=self.wall_seconds,
+                      best_score=self.best_score, workers=tf.nest.flatten(self.workers))
+    self.checkpoints = Checkpoints(train_dir, trackables, self.metadata, keep_checkpoints)
+    self.summaries = None
+
+  @property
+  def theta(self):
+    return self.learner.theta
+
+  def outer_step(self):
+    """One outer step: every worker's sample, then eq. 1 and one Adam step. Returns scalars."""
+    step = int(self.step)
+    seed = tf.constant([self.seed, step], tf.int64)
+    out, state = self.estimator.estimate(self.theta, tf.nest.map_structure(tf.identity,
+                                                                           self.workers),
+                                         self.step, seed)
+    stats = self.learner.apply(out)
+    tf.nest.map_structure(lambda v, x: v.assign(x), self.workers, state)
+    self.step.assign_add(1)
+    used = out.finite.numpy()
+    lengths = out.lengths.numpy()
+    loss = 0.5 * (out.loss_pos.numpy() + out.loss_neg.numpy())
+    result = {k: float(v) for k, v in stats.items()}
+    result.update(outer_loss=float(np.mean(loss[used])) if used.any() else math.nan,
+                  inner_train_loss=float(np.mean(out.train_loss.numpy()[used]))
+                  if used.any() else math.nan,
+                  unroll_length=float(np.mean(lengths)), dropped_samples=int((~used).sum()),
+                  resets=int(out.reset.numpy().sum()), theta_norm=float(tf.norm(self.theta)),
+                  unrolled_steps=2 * int(lengths.sum()))
+    return result
+
+  def _meta_evaluate(self, step):
+    result = self.meta_eval(self.theta)
+    self.summaries.write(step, result, prefix='meta_eval/')
+    logging.info('meta-eval at outer step %d: %s', step,
+                 '  '.join(f'{k} {v:.4f}' for k, v in result.items()))
+    if result['selection_score'] < float(self.best_score):
+      self.best_score.assign(result['selection_score'])
+      self.checkpoints.save_best(step)
+    return result
+
+  def train(self, config_str=None):
+    """Outer-trains up to `num_outer_steps`, resuming from train_dir. Returns the throughput dict.
+
+    Args:
+      config_str: the gin configuration text, saved as train_dir/config.gin once the lock is held
+        and the checkpoint (if any) matched this configuration.
+
+    Returns:
+      The throughput record also written to throughput.json, or None when the run had already
+      reached `num_outer_steps`.
+
+    Raises:
+      UserError: another process uses train_dir, a checkpoint of another configuration or none
+        readable, or `max_unusable_steps` consecutive steps without an update (the last good
+        checkpoint stays).
+    """
+    with io_utils.DirectoryLock(self.train_dir):
+      self.checkpoints.restore()
+      self.checkpoints.write_metadata()
+      if config_str is not None:
+        io_utils.atomic_write_bytes(os.path.join(self.train_dir, 'config.gin'),
+                                    config_str.encode())
+      self.summaries = Summaries(os.path.join(self.train_dir, 'summaries'))
+      return self._train()
+
+  def _train(self):
+    first = int(self.step)
+    revision = git_revision()
+    if first >= self.num_outer_steps:
+      logging.info('already trained for %d outer steps', first)
+      return None
+    meta_evals = [self._meta_evaluate(first)]
+    unrolled, estimate_seconds, unusable = 0, 0.0, 0
+    run_start = time.perf_counter()
+    bar = tqdm.tqdm(total=self.num_outer_steps, initial=first, unit='outer step',
+                    file=sys.stderr, mininterval=5.0, dynamic_ncols=True)
+    while int(self.step) < self.num_outer_steps:
+      t0 = time.perf_counter()
+      stats = self.outer_step()
+      seconds = time.perf_counter() - t0
+      step = int(self.step)
+      if step > first + 1:  # the first step of a run includes tracing
+        unrolled += stats['unrolled_steps']
+        estimate_seconds += seconds
+      self.summaries.write(step, dict(stats, seconds_per_outer_step=seconds))
+      unusable = 0 if stats['applied'] else unusable + 1
+      if unusable >= self.max_unusable_steps:
+        self.summaries.flush()
+        raise UserError(f'{unusable} consecutive outer steps without a usable update (no finite '
+                        f'sample, or a non-finite step rejected) up to step {step}; lower '
+                        'OuterLearner.outer_learning_rate or MergedEstimator.sigma. The last good '
+                        f'checkpoint is {self.checkpoints.latest}')
+      if step % self.checkpoint_every == 0 or step == self.num_outer_steps:
+        self.checkpoints.save(step)
+      if step % self.meta_eval_every == 0 or step == self.num_outer_steps:
+        meta_evals.append(self._meta_evaluate(step))
+      self.wall_seconds.assign_add(time.perf_counter() - t0)
+      bar.set_postfix_str(f'L {stats["outer_loss"]:.3f} k {stats["unroll_length"]:.0f} '
+                          f'rp-weight {stats["rp_weight"]:.2f} '
+                          f'{unrolled / max(estimate_seconds, 1e-9):.0f} unrolled steps/s',
+                          refresh=False)
+      bar.update(1)
+    bar.close()
+    self.summaries.flush()
+    if self.checkpoints.latest is None:
+      self.checkpoints.save(int(self.step))
+    result = {'outer_steps': int(self.step), 'outer_steps_this_run': int(self.step) - first,
+              'wall_seconds_this_run': time.perf_counter() - run_start,
+              'wall_seconds_total': float(self.wall_seconds), 'git_revision': revision,
+              'machine': platform.processor() or platform.machine(),
+              'cpu_count': os.cpu_count(), 'meta_eval_first': meta_evals[0],
+              'meta_eval_last': meta_evals[-1], 'best_meta_eval_score': float(self.best_score),
+              'implementation': getattr(self.family, 'implementation', None)}
+    if unrolled:
+      result.update(unrolled_steps_per_sec=unrolled / estimate_seconds,
+                    samples_per_minute=60.0 * self.num_workers * (int(self.step) - first - 1) /
+                    estimate_seconds)
+    io_utils.atomic_write_json(os.path.join(self.train_dir, THROUGHPUT), result)
+    plotting.outer_training(os.path.join(self.train_dir, 'summaries'),
+                            os.path.join(self.train_dir, OUTER_TRAINING_PNG))
+    return result
