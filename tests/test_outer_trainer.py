@@ -1,12 +1,14 @@
-"""Outer-training: updates, dropped samples, checkpoints and resumption (paper App. B)."""
+"""The outer-training loop: updates, rejected steps, checkpoints and resumption (paper App. B)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import gin
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,10 +19,12 @@ from lo_tf.errors import UserError
 from lo_tf.experiment import Experiment
 from lo_tf.inner_training import InnerTrainer
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
-from lo_tf.outer_trainers.curriculum import Curriculum
-from lo_tf.outer_trainers.trainer import OuterTrainer
+from lo_tf.outer_trainers.loop import OuterTrainer
+from lo_tf.plotting import read_scalars
 from lo_tf.tasks.distribution import TaskDistribution
 from lo_tf.tasks.problems import ConvNet
+
+_CURRICULUM = ['Curriculum.start = 3', 'Curriculum.end = 6', 'Curriculum.num_outer_steps = 4']
 
 
 @pytest.fixture(scope='module')
@@ -31,11 +35,12 @@ def experiment():
                                                  eval_every=6))
 
 
-def _trainer(experiment, train_dir, steps=4, **kwargs):
-  kwargs.setdefault('lopt', MLPLOpt())
-  return OuterTrainer(experiment, str(train_dir), num_samples=2, num_outer_steps=steps,
-                      curriculum=Curriculum(3, 6, 4, 0.2), checkpoint_every=2, log_every=2,
-                      meta_eval_every=1000, meta_eval_tasks=1, **kwargs)
+def _trainer(experiment, train_dir, steps=4, bindings=(), **kwargs):
+  gin.clear_config()
+  gin.parse_config(list(_CURRICULUM) + list(bindings))
+  kwargs.setdefault('family', MLPLOpt(implementation='reference'))
+  return OuterTrainer(experiment, str(train_dir), num_workers=2, num_outer_steps=steps,
+                      checkpoint_every=2, meta_eval_every=1000, meta_eval_tasks=1, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +48,7 @@ def trained(experiment, tmp_path_factory):
   train_dir = tmp_path_factory.mktemp('outer')
   trainer = _trainer(experiment, train_dir)
   theta0 = trainer.theta.numpy().copy()
-  result = trainer.train()
+  result = trainer.train(config_str='# test\n')
   return train_dir, trainer, theta0, result
 
 
@@ -52,75 +57,75 @@ def test_training_updates_theta_and_writes_outputs(trained):
   theta = trainer.theta.numpy()
   assert np.all(np.isfinite(theta)) and not np.allclose(theta, theta0)
   assert int(trainer.step) == 4 and result['outer_steps'] == 4
-  assert os.path.basename(trainer.manager.latest_checkpoint) == 'ckpt-4'
+  assert os.path.basename(trainer.checkpoints.latest) == 'ckpt-4'
   with open(train_dir / 'throughput.json') as f:
     throughput = json.load(f)
-  for key in ('unrolled_steps_per_sec', 'samples_per_minute', 'adam_steps_per_sec',
-              'unrolled_over_adam', 'meta_eval_first', 'meta_eval_last'):
+  for key in ('unrolled_steps_per_sec', 'samples_per_minute', 'meta_eval_first',
+              'meta_eval_last', 'git_revision', 'wall_seconds_total'):
     assert key in throughput
   assert throughput['unrolled_steps_per_sec'] > 0
-  assert os.listdir(train_dir / 'summaries')
-  # Workers carry their inner state: inner steps advanced by the truncation lengths (3..6 each).
-  steps = trainer.inner_step.numpy()
-  assert np.all((steps >= 0) & (steps <= 12))
+  assert (train_dir / 'outer_training.png').stat().st_size > 10_000
+  assert (train_dir / 'config.gin').read_text() == '# test\n'
+  scalars = read_scalars(str(train_dir / 'summaries'))
+  np.testing.assert_array_equal(scalars['outer_loss'][0], [1, 2, 3, 4])
+  assert 'meta_eval/outer_train/mean_valid_loss' in scalars
+  # Workers carry their inner state: inner steps advanced by the truncation lengths (<= 6 each).
+  steps = trainer.workers.inner_step.numpy()
+  assert np.all((steps >= 1) & (steps <= 12))
+  # The best θ by meta-evaluation loads on its own.
+  _, _, best, meta = checkpoints.load_learned_optimizer(str(train_dir / 'best'))
+  assert best.shape == theta.shape and meta['objective'] == 'train'
 
 
-def test_resume_continues_from_the_saved_step_with_the_same_theta(experiment, trained):
+def test_resume_continues_exactly_like_an_uninterrupted_run(experiment, trained, tmp_path):
   train_dir, trainer, _, _ = trained
-  resumed = _trainer(experiment, train_dir, steps=6)
-  assert resumed.restore_or_initialize() == 4
-  np.testing.assert_array_equal(resumed.theta.numpy(), trainer.theta.numpy())
-  np.testing.assert_array_equal(resumed.inner_step.numpy(), trainer.inner_step.numpy())
-  for a, b in zip(resumed.inner_state, trainer.inner_state):
-    np.testing.assert_array_equal(a.numpy(), b.numpy())
-  assert int(resumed.outer_optimizer.iterations) == int(trainer.outer_optimizer.iterations) == 4
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  resumed = _trainer(experiment, copy, steps=6)
   resumed.train()
-  assert int(resumed.step) == 6
+  straight = _trainer(experiment, tmp_path / 'straight', steps=6)
+  straight.train()
+  assert int(resumed.step) == int(straight.step) == 6
+  np.testing.assert_array_equal(resumed.theta.numpy(), straight.theta.numpy())
+  for a, b in zip(tf.nest.flatten(resumed.workers), tf.nest.flatten(straight.workers)):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert int(resumed.learner.optimizer.iterations) == 6
 
 
-def _corrupt(trainer, which):
-  """Wraps `_run_sample` so that the samples in `which` come back with NaN losses."""
-  original = trainer._run_sample
-
-  def run(s, length, noise_seed):
-    out = original(s, length, noise_seed)
-    if s in which:
-      out['loss_pos'] = np.float32(np.nan)
-    return out
-
-  trainer._run_sample = run
-
-
-def test_a_nan_sample_is_dropped_and_its_worker_restarted(experiment, tmp_path):
-  import concurrent.futures
-  trainer = _trainer(experiment, tmp_path)
-  trainer.restore_or_initialize()
-  _corrupt(trainer, {0})
-  theta0 = trainer.theta.numpy().copy()
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    stats = trainer.outer_step(pool)
-  assert stats['dropped_samples'] == 1 and stats['num_used'] == 1
-  assert int(trainer.task_seed[0]) == -1 and int(trainer.task_seed[1]) >= 0
-  theta = trainer.theta.numpy()
-  assert np.all(np.isfinite(theta)) and not np.array_equal(theta, theta0)
+def test_a_run_that_learns_nothing_stops_with_an_error(experiment, tmp_path):
+  """An absurd outer learning rate: θ jumps to ~1e30, every later sample is non-finite."""
+  trainer = _trainer(experiment, tmp_path, steps=8,
+                     bindings=['OuterLearner.outer_learning_rate = 1e30',
+                               'OuterLearner.clip_value = None'])
+  trainer.max_unusable_steps = 3
+  with pytest.raises(UserError, match='3 consecutive outer steps without a usable update'):
+    trainer.train()
+  assert int(trainer.step) == 4
+  for v in trainer.learner.variables():
+    assert np.all(np.isfinite(np.asarray(v.numpy(), np.float64)))
+  assert [p.name for p in sorted(tmp_path.glob('ckpt-*.index'))] == ['ckpt-2.index']
 
 
-def test_a_batch_without_finite_samples_changes_nothing(experiment, tmp_path):
-  import concurrent.futures
-  trainer = _trainer(experiment, tmp_path)
-  trainer.restore_or_initialize()
-  _corrupt(trainer, {0, 1})
-  theta0 = trainer.theta.numpy().copy()
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    stats = trainer.outer_step(pool)
-  assert stats['dropped_samples'] == 2 and stats['num_used'] == 0
-  np.testing.assert_array_equal(trainer.theta.numpy(), theta0)
-  assert int(trainer.outer_optimizer.iterations) == 0
+def test_a_step_that_would_overflow_theta_is_undone(experiment, tmp_path):
+  from lo_tf.outer_trainers.estimators import EstimatorOutput
+  from lo_tf.outer_trainers.learner import OuterLearner
+  learner = OuterLearner(tf.constant([3e38, -1.0]), outer_learning_rate=3e38, clip_value=None)
+  zeros = tf.zeros([2])
+  out = EstimatorOutput(g_rp=-tf.ones([2, 2]), g_es=-tf.ones([2, 2]), loss_pos=zeros,
+                        loss_neg=zeros, finite=tf.constant([True, True]),
+                        lengths=tf.zeros([2], tf.int32), train_loss=zeros,
+                        reset=tf.zeros([2], tf.bool))
+  before = [np.array(v.numpy()) for v in learner.variables()]
+  stats = learner.apply(out)  # θ0 + 3e38 overflows to inf
+  assert float(stats['applied']) == 0.0
+  for v, b in zip(learner.variables(), before):
+    np.testing.assert_array_equal(v.numpy(), b)
+  with pytest.raises(UserError, match='outer_learning_rate'):
+    OuterLearner(tf.zeros([2]), outer_learning_rate=1e39)
 
 
 def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(experiment, trained, tmp_path):
   train_dir, _, _, _ = trained
-  import shutil
   copy = tmp_path / 'copy'
   shutil.copytree(train_dir, copy)
   for name in os.listdir(copy):
@@ -129,19 +134,33 @@ def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(experiment, trained, t
         f.seek(0)
         f.write(b'\x00garbage' * 64)
   with pytest.raises(UserError, match='is corrupt'):
-    _trainer(experiment, copy, steps=8).restore_or_initialize()
+    _trainer(experiment, copy, steps=8).checkpoints.restore()
   with pytest.raises(UserError, match='is corrupt'):  # bin/eval's loader refuses it too
     checkpoints.load_learned_optimizer(str(copy))
   for digest in copy.glob('*.sha256.json'):  # without digests, TensorFlow's reader must notice
     os.remove(digest)
   with pytest.raises(UserError, match='corrupt or incompatible'):
-    _trainer(experiment, copy, steps=8).restore_or_initialize()
+    _trainer(experiment, copy, steps=8).checkpoints.restore()
 
 
-def test_checkpoint_of_another_configuration_is_refused(experiment, trained):
+def test_checkpoint_of_another_configuration_is_refused_and_left_alone(experiment, trained):
   train_dir, _, _, _ = trained
+  before = {p: p.read_bytes() for p in train_dir.iterdir() if p.is_file()}
+  other = _trainer(experiment, train_dir, steps=8, family=MLPLOpt(hidden_size=16))
   with pytest.raises(UserError, match='different lopt'):
-    _trainer(experiment, train_dir, steps=8, lopt=MLPLOpt(hidden_size=16)).restore_or_initialize()
+    other.train(config_str='# another configuration\n')
+  assert {p: p.read_bytes() for p in train_dir.iterdir() if p.is_file()} == before
+
+
+def test_unreadable_checkpoint_index_is_refused_not_overwritten(experiment, trained, tmp_path):
+  train_dir, _, _, _ = trained
+  copy = tmp_path / 'garbled_state'
+  shutil.copytree(train_dir, copy)
+  (copy / 'checkpoint').write_text('this is not a checkpoint state file')
+  before = sorted(os.listdir(copy))
+  with pytest.raises(UserError, match="no readable 'checkpoint' index"):
+    _trainer(experiment, copy, steps=8).train()
+  assert sorted(os.listdir(copy)) == before
 
 
 def _train_cmd(train_dir, steps):
@@ -149,11 +168,12 @@ def _train_cmd(train_dir, steps):
           '--gin_file=' + os.path.join(REPO, 'gin', 'quickstart.gin'),
           f'--train_dir={train_dir}',
           f'--gin_bindings=OuterTrainer.num_outer_steps={steps}',
-          '--gin_bindings=OuterTrainer.num_samples=2',
+          '--gin_bindings=OuterTrainer.num_workers=2',
           '--gin_bindings=OuterTrainer.checkpoint_every=1',
           '--gin_bindings=OuterTrainer.meta_eval_every=1000',
           '--gin_bindings=OuterTrainer.meta_eval_tasks=1',
           '--gin_bindings=InnerTrainer.num_steps=20',
+          "--gin_bindings=MLPLOpt.implementation='reference'",
           '--gin_bindings=ConvNet.channels=(4,)', '--gin_bindings=ConvNet.strides=(2,)',
           '--gin_bindings=Curriculum.start=3', '--gin_bindings=Curriculum.end=5']
 
@@ -180,39 +200,21 @@ def test_sigkill_midway_then_resume(tmp_path):
   done = subprocess.run(_train_cmd(train_dir, saved + 2), cwd=REPO, capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert f'at outer step {saved}' in done.stderr
+  assert f'resumed from {train_dir}/ckpt-{saved}' in done.stderr
   assert json.loads(done.stdout[:done.stdout.rindex('}') + 1])['outer_steps'] == saved + 2
 
 
-def test_unreadable_checkpoint_index_is_refused_not_overwritten(experiment, trained, tmp_path):
-  import shutil
-  train_dir, _, _, _ = trained
-  copy = tmp_path / 'garbled_state'
-  shutil.copytree(train_dir, copy)
-  (copy / 'checkpoint').write_text('this is not a checkpoint state file')
-  before = sorted(os.listdir(copy))
-  with pytest.raises(UserError, match="no readable 'checkpoint' index"):
-    _trainer(experiment, copy, steps=8).restore_or_initialize()
-  assert sorted(os.listdir(copy)) == before
-
-
-def test_two_runs_cannot_share_a_train_dir(tmp_path):
-  from lo_tf.io_utils import DirectoryLock
-  first = DirectoryLock(str(tmp_path))
-  with pytest.raises(UserError, match='in use by another process'):
-    # A live pid other than ours holds the lock: pretend pid 1 (init) wrote it.
-    (tmp_path / '.lock').write_text('1')
-    DirectoryLock(str(tmp_path))
-  (tmp_path / '.lock').write_text('999999999')  # a dead pid: the stale lock is taken over
-  second = DirectoryLock(str(tmp_path))
-  assert (tmp_path / '.lock').read_text() == str(os.getpid())
-  second.release()
-  first.release()
-  assert not (tmp_path / '.lock').exists()
-
-
-@pytest.mark.parametrize('binding', [dict(sigma=float('inf')), dict(sigma=0.0),
-                                     dict(parallel_samples=0), dict(beta_1=1.0)])
+@pytest.mark.parametrize('binding', ['MergedEstimator.sigma = 0.0',
+                                     'MergedEstimator.sigma = 1e400',
+                                     'OuterLearner.beta_1 = 1.0',
+                                     "MergedEstimator.estimator = 'both'",
+                                     "TruncatedStep.objective = 'test'"])
 def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
-  with pytest.raises(UserError, match='OuterTrainer'):
-    _trainer(experiment, tmp_path, **binding)
+  with pytest.raises(UserError):
+    _trainer(experiment, tmp_path, bindings=[binding])
+  gin.clear_config()
+
+
+def test_nonsense_loop_settings_are_refused(experiment, tmp_path):
+  with pytest.raises(UserError, match='num_workers'):
+    OuterTrainer(experiment, str(tmp_path), num_workers=0)

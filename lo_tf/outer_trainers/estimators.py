@@ -80,8 +80,9 @@ def merge(output, estimator='merged', variance_epsilon=1e-8):
   mean_rp, var_rp = mean_var(output.g_rp)
   mean_es, var_es = mean_var(output.g_es)
   if estimator == 'merged':
-    # w_rp = σ_rp⁻² / (σ_rp⁻² + σ_es⁻²) = σ_es² / (σ_rp² + σ_es²).
-    w_rp = var_es / (var_rp + var_es)
+    # w_rp = σ_rp⁻² / (σ_rp⁻² + σ_es⁻²) = σ_es² / (σ_rp² + σ_es²); equal weights if both are 0.
+    total = var_rp + var_es
+    w_rp = tf.where(total > 0, var_es / tf.where(total > 0, total, 1.0), 0.5)
   else:
     w_rp = tf.fill(tf.shape(mean_rp), 1.0 if estimator == 'rp' else 0.0)
   grad = w_rp * mean_rp + (1.0 - w_rp) * mean_es

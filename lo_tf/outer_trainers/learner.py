@@ -9,6 +9,7 @@ non-finite θ never exists, so none is ever checkpointed.
 
 import gin
 import keras
+import numpy as np
 import tensorflow as tf
 
 from lo_tf.errors import UserError
@@ -44,7 +45,7 @@ class OuterLearner:
       raise UserError(f'estimator={estimator!r}; use one of {estimators.ESTIMATORS}')
     if outer_learning_rate is not None:
       check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate, 0.0,
-                   low_open=True)
+                   float(np.finfo(np.float32).max), low_open=True)
     if clip_value is not None:
       check_number('OuterLearner', 'clip_value', clip_value, 0.0, low_open=True)
     check_number('OuterLearner', 'beta_1', beta_1, 0.0, 1.0, high_open=True)

@@ -268,6 +268,7 @@ class OuterTrainer:
         readable, or `max_unusable_steps` consecutive steps without an update (the last good
         checkpoint stays).
     """
+    io_utils.ensure_writable_dir(self.train_dir)
     with io_utils.DirectoryLock(self.train_dir):
       self.checkpoints.restore()
       self.checkpoints.write_metadata()
