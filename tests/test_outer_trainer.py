@@ -196,21 +196,6 @@ def test_unreadable_checkpoint_index_is_refused_not_overwritten(experiment, trai
   assert sorted(os.listdir(copy)) == before
 
 
-def test_two_runs_cannot_share_a_train_dir(tmp_path):
-  from lo_tf.io_utils import DirectoryLock
-  first = DirectoryLock(str(tmp_path))
-  with pytest.raises(UserError, match='in use by another process'):
-    # A live pid other than ours holds the lock: pretend pid 1 (init) wrote it.
-    (tmp_path / '.lock').write_text('1')
-    DirectoryLock(str(tmp_path))
-  (tmp_path / '.lock').write_text('999999999')  # a dead pid: the stale lock is taken over
-  second = DirectoryLock(str(tmp_path))
-  assert (tmp_path / '.lock').read_text() == str(os.getpid())
-  second.release()
-  first.release()
-  assert not (tmp_path / '.lock').exists()
-
-
 @pytest.mark.parametrize('binding', [dict(sigma=float('inf')), dict(sigma=0.0),
                                      dict(parallel_samples=0), dict(beta_1=1.0)])
 def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
