@@ -3,12 +3,24 @@
 A shipped optimizer is two small files in `lo_tf/pretrained/`: `<name>.npz` (θ) and `<name>.json`
 (the `MLPLOpt` configuration and how θ was made: config, outer steps, wall time, machine, git
 revision, command). `export_pretrained` writes them from a train_dir.
+
+A train_dir keeps several checkpoints (`ckpt-N.index`, `ckpt-N.data-*`, `ckpt-N.sha256.json`)
+listed in TensorFlow's `checkpoint` index file. `restore_newest_valid` uses the newest one that
+verifies, so a checkpoint damaged by a kill, a full disk or a bad copy costs one checkpoint
+interval rather than the run.
 """
 
+import dataclasses
 import glob
-import json
+import hashlib
+import io
 import os
+import re
+import shutil
+import time
 
+from absl import logging
+from google.protobuf import text_format
 import numpy as np
 import tensorflow as tf
 
@@ -19,23 +31,32 @@ from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained')
 _THETA_KEY = 'theta/.ATTRIBUTES/VARIABLE_VALUE'
 _STEP_KEY = 'step/.ATTRIBUTES/VARIABLE_VALUE'
+_INDEX = 'checkpoint'  # TensorFlow's CheckpointState file
+# The files of checkpoint ckpt-N, and the temporary directory TensorFlow saves it through.
+_CHECKPOINT_FILE = re.compile(r'(ckpt-(\d+))\.(index|data-\d+-of-\d+)')
+_CHECKPOINT_NAME = re.compile(r'ckpt-(\d+)')
+_TEMP_DIR = re.compile(r'ckpt-\d+_temp.*')
+_NAME = re.compile(r'[a-z0-9_]+')
 
 
 def _digest_path(prefix):
   return prefix + '.sha256.json'
 
 
+def _sha256(path):
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def write_digest(prefix):
   """Records the SHA-256 of every file of checkpoint `prefix` beside it (atomically).
 
-  TensorFlow's checkpoint reader does not notice every corrupted byte of a data file; the digest
-  lets `verify_digest` refuse such a checkpoint instead of loading garbage.
+  TensorFlow's checkpoint reader does not notice every corrupted byte (a flipped byte near the end
+  of an index file reads back fine); the digest lets `verify_digest` refuse such a checkpoint
+  instead of loading garbage.
   """
-  import hashlib  # pylint: disable=g-import-not-at-top
-  digests = {}
-  for path in sorted(glob.glob(prefix + '.index') + glob.glob(prefix + '.data-*')):
-    with open(path, 'rb') as f:
-      digests[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
+  digests = {os.path.basename(path): _sha256(path)
+             for path in sorted(glob.glob(prefix + '.index') + glob.glob(prefix + '.data-*'))}
   io_utils.atomic_write_json(_digest_path(prefix), digests)
 
 
@@ -46,27 +67,231 @@ def remove_stale_digests(directory):
       os.remove(path)
 
 
+def _digest_problem(prefix):
+  """Why checkpoint `prefix` does not match its digest, or None (also when it has none)."""
+  path = _digest_path(prefix)
+  if not os.path.exists(path):
+    return None
+  try:
+    digests = io_utils.read_json(path, dict, 'checkpoint digest')
+  except UserError:
+    return f'its digest {os.path.basename(path)} is unreadable'
+  for name, expected in digests.items():
+    try:
+      actual = _sha256(os.path.join(os.path.dirname(prefix), name))
+    except OSError:
+      actual = None
+    if actual != expected:
+      return f'{name} is missing or changed since it was written'
+  return None
+
+
 def verify_digest(prefix):
   """Checks checkpoint `prefix` against its digest, when it has one.
 
   Raises:
-    UserError: if a file is missing or its content changed since it was written.
+    UserError: if the digest is unreadable, or a file it lists is missing or its content changed
+      since it was written.
   """
-  import hashlib  # pylint: disable=g-import-not-at-top
-  path = _digest_path(prefix)
-  if not os.path.exists(path):
-    return
-  digests = read_json(path)
-  for name, expected in digests.items():
-    file = os.path.join(os.path.dirname(prefix), name)
+  problem = _digest_problem(prefix)
+  if problem:
+    raise UserError(f'checkpoint {prefix} is corrupt ({problem}); use another checkpoint or a '
+                    'fresh --train_dir')
+
+
+def remove_temp_dirs(train_dir):
+  """Deletes the `ckpt-N_temp*` directories that saves killed midway left in `train_dir`.
+
+  TensorFlow writes a checkpoint into `<prefix>_temp/part-*` and renames the parts into place; a
+  kill during the save leaves that directory behind, empty or with partial `part-*` files, and
+  TensorFlow documents it as safe to remove. A directory holding anything else is kept. Call it
+  only while holding the train_dir's `io_utils.DirectoryLock`: a running save's directory would
+  be removed otherwise.
+
+  Returns:
+    The removed directories (sorted paths).
+  """
+  removed = []
+  for name in sorted(os.listdir(train_dir)):
+    path = os.path.join(train_dir, name)
+    if not (_TEMP_DIR.fullmatch(name) and os.path.isdir(path) and not os.path.islink(path)):
+      continue
+    entries = os.listdir(path)
+    if all(e.startswith('part-') and os.path.isfile(os.path.join(path, e)) for e in entries):
+      shutil.rmtree(path)
+      removed.append(path)
+  return removed
+
+
+def _one_line(e, limit=160):
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def kept_checkpoints(train_dir):
+  """The checkpoints `ckpt-N` of `train_dir`, newest first, and what is wrong with its index.
+
+  The candidates are the checkpoints that TensorFlow's `checkpoint` index file lists together with
+  every `ckpt-N` that has an index or data file on disk, ordered by N (the outer step) descending.
+  So an unreadable index, a stale one (a kill between a save and its index update) or a listed
+  checkpoint whose files are gone all still leave the other checkpoints to try.
+
+  Returns:
+    (prefixes, index_problem): absolute prefixes `train_dir/ckpt-N`, newest first; a short reason
+    when the `checkpoint` file exists but cannot be parsed, else None.
+  """
+  train_dir = os.path.abspath(train_dir)
+  steps, index_problem = set(), None
+  index = os.path.join(train_dir, _INDEX)
+  if os.path.exists(index):
+    paths = []
     try:
-      with open(file, 'rb') as f:
-        actual = hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-      actual = None
-    if actual != expected:
-      raise UserError(f'checkpoint {prefix} is corrupt ({name} is missing or changed since it '
-                      'was written); use another checkpoint or a fresh --train_dir')
+      state = tf.train.get_checkpoint_state(train_dir)  # None when unparsable or unreadable
+      if state is None:
+        index_problem = 'not a readable CheckpointState text proto'
+      else:
+        paths = [state.model_checkpoint_path, *state.all_model_checkpoint_paths]
+    except UnicodeDecodeError:
+      index_problem = 'not text'
+    except ValueError:  # TF: "Invalid checkpoint state loaded from ..."
+      index_problem = 'empty, or names no checkpoint'
+    for path in paths:
+      match = _CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+      if match:
+        steps.add(int(match.group(1)))
+  for name in os.listdir(train_dir):
+    match = _CHECKPOINT_FILE.fullmatch(name)
+    if match:
+      steps.add(int(match.group(2)))
+  return [os.path.join(train_dir, f'ckpt-{n}') for n in sorted(steps, reverse=True)], index_problem
+
+
+def _verified_reader(prefix):
+  """A `tf.train.CheckpointReader` of `prefix` after checking every byte, or raises ValueError.
+
+  Checks: the index file exists, the SHA-256 digest (when there is one), every tensor reads back
+  (TensorFlow's per-tensor CRC32C), and θ, when present, is finite.
+  """
+  if not os.path.exists(prefix + '.index'):
+    raise ValueError('its .index file is missing')
+  problem = _digest_problem(prefix)
+  if problem:
+    raise ValueError(problem)
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    tensors = {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()}
+  except Exception as e:  # TF raises DataLossError, NotFoundError, IndexError, OpError, ...
+    raise ValueError(_one_line(e)) from None
+  if _THETA_KEY in tensors and not np.all(np.isfinite(tensors[_THETA_KEY])):
+    raise ValueError('θ holds non-finite values')
+  return reader
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """The checkpoint that `restore_newest_valid` chose.
+
+  Attributes:
+    prefix: its absolute path prefix, `train_dir/ckpt-N`.
+    number: N, the outer step it was saved at (None for an explicit path not ending in -N).
+    reader: a `tf.train.CheckpointReader` of it (for evaluation: θ without building a trainer).
+    skipped: ((prefix, reason), ...) for the newer checkpoints that did not verify, newest first.
+    older: prefixes of the older kept checkpoints, newest first (not verified).
+    index_problem: why the `checkpoint` index file is unreadable, or None.
+  """
+  prefix: str
+  number: int | None
+  reader: object
+  skipped: tuple
+  older: tuple
+  index_problem: str | None = None
+
+
+def restore_newest_valid(train_dir, checkpoint=None):
+  """Finds the newest checkpoint of `train_dir` that verifies and restores it into `checkpoint`.
+
+  Tries `kept_checkpoints(train_dir)` newest first. A checkpoint verifies when its index file
+  exists, its files match their SHA-256 digest (`write_digest`), TensorFlow reads every tensor back
+  (CRC32C), θ is finite, and, given `checkpoint`, `checkpoint.restore(prefix)` matches every
+  object of `checkpoint`. The first that verifies is used; when any was skipped or the
+  `checkpoint` index is unreadable, one absl warning names them all. Writes nothing.
+
+  A restore that fails midway may have assigned some variables of `checkpoint`; the next
+  candidate's restore assigns all of them again, and when none verifies the caller must not use
+  `checkpoint`.
+
+  Args:
+    train_dir: a directory written by a `tf.train.CheckpointManager` with the default `ckpt`
+      prefix (bin/train's train_dir).
+    checkpoint: a `tf.train.Checkpoint` to restore into, or None to only read (bin/eval).
+
+  Returns:
+    A `Restored`, or None when `train_dir` holds no checkpoint files and no `checkpoint` index
+    (a fresh start).
+
+  Raises:
+    UserError (one line): checkpoint files or an index exist but no checkpoint verifies.
+  """
+  prefixes, index_problem = kept_checkpoints(train_dir)
+  index = os.path.join(os.path.abspath(train_dir), _INDEX)
+  if not prefixes and not os.path.exists(index):
+    return None
+  skipped = []
+  for i, prefix in enumerate(prefixes):
+    try:
+      reader = _verified_reader(prefix)
+      if checkpoint is not None:
+        try:
+          checkpoint.restore(prefix).assert_existing_objects_matched()
+        except Exception as e:  # TF raises AssertionError, ValueError, OpError, ...
+          raise ValueError(f'does not fit this run: {_one_line(e, 120)}') from None
+    except ValueError as e:
+      skipped.append((prefix, str(e)))
+      continue
+    if skipped or index_problem:
+      logging.warning('%s: skipped %s; using %s', train_dir,
+                      _problems(skipped, index_problem), os.path.basename(prefix))
+    return Restored(prefix=prefix, number=_number(prefix), reader=reader,
+                    skipped=tuple(skipped), older=tuple(prefixes[i + 1:]),
+                    index_problem=index_problem)
+  if not prefixes:
+    raise UserError(f"{train_dir} has a 'checkpoint' index but no ckpt-N checkpoint files "
+                    f"({index_problem or 'it names none'}); restore them from a backup, or delete "
+                    f'{index} to start afresh')
+  raise UserError(f'no checkpoint in {train_dir} verifies ({_problems(skipped, index_problem)}); '
+                  'every checkpoint is corrupt or incompatible: restore one from a backup, or use '
+                  'a fresh --train_dir')
+
+
+def _problems(skipped, index_problem):
+  parts = [f'{os.path.basename(p)}: {reason}' for p, reason in skipped]
+  if index_problem:
+    parts.append(f"'checkpoint' index unreadable: {index_problem}")
+  return '; '.join(parts)
+
+
+def write_checkpoint_index(train_dir, restored):
+  """Rewrites `train_dir`'s `checkpoint` index to name `restored` as the latest checkpoint.
+
+  After `restore_newest_valid` skipped checkpoints or found the index unreadable, the index lists
+  the restored checkpoint last, after the older kept ones (oldest first), with relative paths as
+  `tf.train.CheckpointManager` writes them; the skipped checkpoints are dropped from it (their
+  files stay until a save of the same step replaces them). Does nothing when nothing was skipped
+  and the index is readable. Call it while holding the train_dir's `io_utils.DirectoryLock` and
+  before creating the `tf.train.CheckpointManager`, which reads the index once: an unreadable
+  index makes its constructor raise (empty or binary file) or forget every kept checkpoint.
+  """
+  if not restored.skipped and restored.index_problem is None:
+    return
+  prefixes = list(reversed(restored.older)) + [restored.prefix]
+  # The manager deletes only checkpoints with a timestamp after last_preserved_timestamp.
+  stamps = [os.path.getmtime(p + '.index') if os.path.exists(p + '.index') else time.time()
+            for p in prefixes]
+  state = tf.compat.v1.train.generate_checkpoint_state_proto(
+      train_dir, os.path.basename(restored.prefix), [os.path.basename(p) for p in prefixes],
+      all_model_checkpoint_timestamps=stamps, last_preserved_timestamp=min(stamps) - 1)
+  io_utils.atomic_write_bytes(os.path.join(train_dir, _INDEX),
+                              text_format.MessageToString(state).encode())
 
 
 def shipped_names():
@@ -74,30 +299,17 @@ def shipped_names():
   return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PRETRAINED_DIR, '*.json')))
 
 
-def read_json(path):
-  """A JSON file written by lo_tf; UserError (one line) if it is missing or unreadable."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f'{path} is unreadable ({e}); re-create it with bin/train') from None
-
-
-def _from_checkpoint(spec):
-  """(checkpoint prefix, directory) for a train_dir or a checkpoint path, or (None, None)."""
-  if os.path.isdir(spec):
-    return tf.train.latest_checkpoint(spec), spec
-  if glob.glob(spec + '.index'):
-    return spec, os.path.dirname(spec)
-  return None, None
-
-
 def _build(config, theta, where):
+  """The `MLPLOpt` of `config` and θ as a float32 [P] tensor, after checking they fit together."""
+  if not isinstance(config, dict):
+    raise UserError(f'{where}: holds no learned-optimizer configuration; it was not written by '
+                    'lo_tf')
   try:
     lopt = MLPLOpt(**config)
-  except TypeError as e:
-    raise UserError(f'{where}: learned-optimizer configuration is not understood ({e}); '
-                    'it was written by an incompatible lo_tf version') from None
+  except (TypeError, ValueError) as e:  # unknown keys, or values MLPLOpt refuses
+    raise UserError(f'{where}: learned-optimizer configuration is not understood '
+                    f'({_one_line(e, 120)}); it was written by an incompatible lo_tf '
+                    'version') from None
   theta = np.asarray(theta, np.float32)
   if theta.shape != (lopt.num_meta_params,):
     raise UserError(f'{where}: θ has shape {theta.shape} but its configuration needs '
@@ -107,102 +319,116 @@ def _build(config, theta, where):
   return lopt, tf.constant(theta)
 
 
+def _number(prefix):
+  """N of a checkpoint prefix `.../name-N`, or None."""
+  match = re.search(r'-(\d+)$', prefix)
+  return int(match.group(1)) if match else None
+
+
+def _checkpoint_spec(spec):
+  """(Restored or None, directory) for a train_dir or a checkpoint path, or (None, None)."""
+  if os.path.isdir(spec):
+    return restore_newest_valid(spec), spec
+  if not glob.glob(glob.escape(spec) + '.*'):
+    return None, None
+  try:  # an explicit checkpoint is used as is: no fallback to another one
+    reader = _verified_reader(spec)
+  except ValueError as e:
+    raise UserError(f'checkpoint {spec} is corrupt or incompatible ({e}); use another '
+                    'checkpoint') from None
+  return Restored(prefix=spec, number=_number(spec), reader=reader, skipped=(), older=()), (
+      os.path.dirname(spec))
+
+
 def load_learned_optimizer(spec):
   """Loads a learned optimizer for evaluation.
 
   Args:
-    spec: a train_dir (its latest checkpoint), a checkpoint path (train_dir/ckpt-N) or the name
-      of a shipped optimizer (see `shipped_names()`).
+    spec: a train_dir (its newest checkpoint that verifies, see `restore_newest_valid`), a
+      checkpoint path (train_dir/ckpt-N, used as is) or the name of a shipped optimizer (see
+      `shipped_names()`).
 
   Returns:
     (name str, the `MLPLOpt` (callable θ -> Optimizer), theta float32 [P] tensor, metadata dict).
 
   Raises:
-    UserError: nothing found under that spec, or a corrupt or incompatible checkpoint.
+    UserError: nothing found under that spec, no checkpoint that verifies, an unreadable or
+      incompatible configuration, or a non-finite θ.
   """
   if spec in shipped_names():
-    meta = read_json(os.path.join(PRETRAINED_DIR, spec + '.json'))
+    where = f'shipped optimizer {spec!r}'
+    meta = io_utils.read_json(os.path.join(PRETRAINED_DIR, spec + '.json'), dict, where,
+                              'reinstall lo_tf')
     path = os.path.join(PRETRAINED_DIR, spec + '.npz')
     try:
       with np.load(path) as z:
         theta = z['theta']
-    except (OSError, ValueError, KeyError) as e:
-      raise UserError(f'shipped optimizer {spec!r}: {path} is unreadable ({e}); reinstall '
+    except Exception as e:  # pylint: disable=broad-except
+      # numpy raises OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile...
+      raise UserError(f'{where}: {path} is unreadable ({type(e).__name__}); reinstall '
                       'lo_tf') from None
-    lopt, theta = _build(meta['lopt'], theta, f'shipped optimizer {spec!r}')
+    lopt, theta = _build(meta.get('lopt'), theta, where)
     return spec, lopt, theta, meta
-  prefix, directory = _from_checkpoint(spec)
-  if prefix is None:
+  restored, directory = _checkpoint_spec(spec)
+  if restored is None:
     raise UserError(f'no checkpoint at {spec!r}; pass a train_dir written by bin/train, a '
                     f'checkpoint path (train_dir/ckpt-N) or a shipped name {shipped_names()}')
   config_path = os.path.join(directory, 'lopt.json')
   if not os.path.exists(config_path):
     raise UserError(f'{directory} has checkpoints but no lopt.json; it was not written by '
                     'bin/train')
-  meta = read_json(config_path)
-  if not isinstance(meta, dict) or not isinstance(meta.get('lopt'), dict):
-    raise UserError(f'{config_path} holds no learned-optimizer configuration; it was not '
-                    'written by bin/train')
-  verify_digest(prefix)
+  meta = io_utils.read_json(config_path, dict, 'learned-optimizer configuration',
+                            'it was not written by bin/train, or restore it from a backup')
+  where = f'checkpoint {restored.prefix}'
   try:
-    reader = tf.train.load_checkpoint(prefix)
-    theta = reader.get_tensor(_THETA_KEY)
-    meta = dict(meta, outer_steps=int(reader.get_tensor(_STEP_KEY)), checkpoint=prefix)
-  except Exception as e:  # TF raises DataLossError, NotFoundError, ...
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise UserError(f'checkpoint {prefix} is corrupt or incompatible ({first}); use another '
-                    'checkpoint') from None
-  lopt, theta = _build(meta['lopt'], theta, f'checkpoint {prefix}')
+    theta = restored.reader.get_tensor(_THETA_KEY)
+    outer_steps = int(restored.reader.get_tensor(_STEP_KEY))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{where} holds no θ or outer step ({_one_line(e, 120)}); it was not written '
+                    'by bin/train') from None
+  lopt, theta = _build(meta.get('lopt'), theta, where)
+  meta = dict(meta, outer_steps=outer_steps, checkpoint=restored.prefix)
   return f'learned_{meta.get("objective", "")}'.rstrip('_'), lopt, theta, meta
 
 
-def export_pretrained(checkpoint, name, metadata, out_dir=PRETRAINED_DIR):
+def check_export_name(name, out_dir=PRETRAINED_DIR, overwrite=False):
+  """Checks `name` for `export_pretrained` before any work is done.
+
+  Raises:
+    UserError: `name` is not ASCII `[a-z0-9_]+`, or `<name>.npz`/`<name>.json` exists in
+      `out_dir` and `overwrite` is False.
+  """
+  if not isinstance(name, str) or not _NAME.fullmatch(name):
+    raise UserError(f'name {name!r} must be lowercase ASCII letters, digits and underscores '
+                    '([a-z0-9_]+); pick another --name')
+  existing = [p for p in (os.path.join(out_dir, name + ext) for ext in ('.npz', '.json'))
+              if os.path.exists(p)]
+  if existing and not overwrite:
+    raise UserError(f'{existing[0]} exists (a shipped optimizer named {name!r}); pick another '
+                    '--name or pass --overwrite to replace it')
+
+
+def export_pretrained(checkpoint, name, metadata, out_dir=PRETRAINED_DIR, overwrite=False):
   """Writes `<name>.npz` (θ) and `<name>.json` (configuration + `metadata`) atomically.
 
   Args:
     checkpoint: a train_dir or checkpoint path.
-    name: the shipped name ([a-z0-9_]+).
+    name: the shipped name, ASCII [a-z0-9_]+.
     metadata: extra JSON-able facts (command, git revision, wall time, machine, eval summary).
+    out_dir: where to write (lo_tf/pretrained by default).
+    overwrite: replace an optimizer of that name; without it an existing name is refused.
+
+  Returns:
+    The path of the written `<name>.json`.
 
   Raises:
-    UserError: for a bad name or checkpoint.
+    UserError: for a bad or existing name or a bad checkpoint.
   """
-  if not name or not all(c.isalnum() or c == '_' for c in name):
-    raise UserError(f'name {name!r} must be letters, digits and underscores')
+  check_export_name(name, out_dir, overwrite)
   _, _, theta, meta = load_learned_optimizer(checkpoint)
-  import io  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   np.savez(buf, theta=theta.numpy())
   io_utils.ensure_writable_dir(out_dir)
   io_utils.atomic_write_bytes(os.path.join(out_dir, name + '.npz'), buf.getvalue())
   io_utils.atomic_write_json(os.path.join(out_dir, name + '.json'), dict(meta, **metadata))
   return os.path.join(out_dir, name + '.json')
-
-
-def export_from_flags(checkpoint, name, command, eval_results=None, git_revision=None):
-  """`bin/export_optimizer`: gathers the provenance of a train_dir and ships its θ.
-
-  Records the outer-training command, git revision, wall time and machine (from the train_dir's
-  throughput.json), its config.gin, and optionally the summary of an evaluation.
-
-  Raises:
-    UserError: for a missing or corrupt checkpoint or results file.
-  """
-  import platform  # pylint: disable=g-import-not-at-top
-  directory = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-  meta = {'command': command, 'machine': platform.processor() or platform.machine()}
-  throughput = os.path.join(directory, 'throughput.json')
-  if os.path.exists(throughput):
-    t = read_json(throughput)
-    meta.update(wall_seconds=t.get('wall_seconds_total') or t.get('wall_seconds_this_run'),
-                throughput=t)
-  config = os.path.join(directory, 'config.gin')
-  if os.path.exists(config):
-    with open(config) as f:
-      meta['config'] = f.read()
-  from lo_tf.outer_trainers.trainer import git_revision as _git_revision  # pylint: disable=g-import-not-at-top
-  meta['git_revision'] = (git_revision or meta.get('throughput', {}).get('git_revision') or
-                          _git_revision())
-  if eval_results:
-    meta['eval_summary'] = read_json(eval_results).get('summary')
-  return export_pretrained(checkpoint, name, meta)

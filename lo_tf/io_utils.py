@@ -1,10 +1,24 @@
-"""Atomic file writes: results are either complete or absent, never half-written."""
+"""File plumbing: atomic writes, strict JSON, a per-directory process lock, cleanup of refused runs.
 
+Results are either complete or absent, never half-written; JSON that lo_tf reads back is checked
+for its type so that an empty, truncated or foreign file is a one-line `UserError`.
+"""
+
+import contextlib
+import fcntl
+import io
 import json
+import math
 import os
 import tempfile
 
+import numpy as np
+
 from lo_tf.errors import UserError
+
+# How a message names the top-level value of a JSON file.
+_JSON_NAMES = {dict: 'an object', list: 'an array', str: 'a string', int: 'a number',
+               float: 'a number', bool: 'a boolean', type(None): 'null'}
 
 
 def ensure_writable_dir(path):
@@ -21,6 +35,31 @@ def ensure_writable_dir(path):
     raise UserError(f'output directory {path!r} cannot be written ({e.strerror}); '
                     'pass a writable directory') from None
   return path
+
+
+@contextlib.contextmanager
+def remove_created_dirs_on_error(path):
+  """Context manager: if its body raises, removes the directories of `path` that it created.
+
+  Enter it before anything creates `path` (e.g. before `ensure_writable_dir`). The directories
+  missing on entry (`path` and any missing parents) are removed deepest first when the body raises
+  (a refused run, Ctrl-C) and they are still empty; `os.rmdir` refuses a non-empty directory, so
+  nothing written into them is ever deleted. The exception propagates unchanged.
+  """
+  missing = []
+  head = os.path.abspath(path)
+  while not os.path.exists(head):
+    missing.append(head)
+    head = os.path.dirname(head)
+  try:
+    yield path
+  except BaseException:
+    for directory in missing:  # deepest first
+      try:
+        os.rmdir(directory)
+      except OSError:  # not empty (or never created): keep it and its parents
+        break
+    raise
 
 
 def atomic_write_bytes(path, data):
@@ -43,49 +82,126 @@ def atomic_write_bytes(path, data):
     raise
 
 
+def json_safe(obj):
+  """`obj` with every non-finite float replaced by None, numpy scalars/arrays made Python values.
+
+  JSON has no NaN or Infinity (Python's `json` writes tokens that strict parsers reject), so
+  lo_tf's outputs write a non-finite number as null: a reader of a lo_tf JSON file takes null
+  where a number is expected as "not a finite number" (a diverged loss, an undefined ratio).
+  Dict keys are kept; tuples become lists.
+  """
+  if isinstance(obj, np.ndarray):
+    obj = obj.tolist()
+  elif isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, dict):
+    return {k: json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  return obj
+
+
 def atomic_write_json(path, obj):
-  """Writes `obj` as indented JSON to `path` atomically."""
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+  """Writes `obj` as indented, sorted JSON to `path` atomically; NaN and ±inf become null.
+
+  See `json_safe` for the mapping. Raises TypeError for values JSON cannot hold.
+  """
+  text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+  atomic_write_bytes(path, (text + '\n').encode())
+
+
+def read_json(path, expected_type, what, fix='re-create it with the lo_tf tool that wrote it'):
+  """Reads a JSON file that lo_tf wrote, refusing anything else with a one-line error.
+
+  Args:
+    path: the file.
+    expected_type: the type (or tuple of types) the top-level value must have, e.g. dict.
+    what: what the file is, for the message (e.g. 'learned-optimizer configuration').
+    fix: what the user should do, for the message.
+
+  Returns:
+    The parsed value (an instance of `expected_type`).
+
+  Raises:
+    UserError: the file is missing or unreadable, empty, truncated or not JSON, or its top-level
+      value has another type.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise UserError(f'{what} {path} cannot be read ({e.strerror}); {fix}') from None
+  if not data.strip():
+    raise UserError(f'{what} {path} is empty; {fix}')
+  try:
+    value = json.loads(data)
+  except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+    reason = str(e).splitlines()[0][:120]
+    raise UserError(f'{what} {path} is truncated or not JSON ({reason}); {fix}') from None
+  if not isinstance(value, expected_type):
+    expected = expected_type if isinstance(expected_type, tuple) else (expected_type,)
+    raise UserError(f'{what} {path} holds JSON {_JSON_NAMES[type(value)]}, not '
+                    f'{" or ".join(_JSON_NAMES[t] for t in expected)}; {fix}')
+  return value
 
 
 def atomic_savefig(fig, path):
   """Saves a matplotlib figure to `path` (PNG) atomically."""
-  import io  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
   atomic_write_bytes(path, buf.getvalue())
 
 
 class DirectoryLock:
-  """An exclusive lock on a directory for one process (`<dir>/.lock` holding the pid).
+  """An exclusive lock on a directory for one process: `fcntl.flock` on `<dir>/.lock`.
+
+  The lock is the kernel's: it is held as long as the file descriptor is open, so a process that
+  dies (even by SIGKILL) releases it, and two processes never hold it at once. The file holds the
+  holder's pid for the error message only. `release()` (or leaving the `with` block) removes the
+  file and closes the descriptor. A second `DirectoryLock` on the same directory fails even in the
+  same process; a child made by `fork` shares the descriptor and so the lock.
 
   Use as a context manager, or call `release()`.
 
-  A lock left by a process that no longer runs (killed with SIGKILL) is taken over.
-
   Raises:
-    UserError: if a live process holds the lock.
+    UserError: if another process (or another lock of this one) holds it, or the file cannot be
+      created.
   """
 
   def __init__(self, directory):
     self.path = os.path.join(directory, '.lock')
     while True:
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        try:
-          with open(self.path) as f:
-            pid = int(f.read().strip() or 0)
-        except (OSError, ValueError):
-          pid = 0
-        if pid and pid != os.getpid() and _alive(pid):
-          raise UserError(f'{directory} is in use by another process (pid {pid}); wait for it '
-                          'or use another directory') from None
-        os.remove(self.path)  # stale: its process is gone
-        continue
-      with os.fdopen(fd, 'w') as f:
-        f.write(str(os.getpid()))
-      return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+      except OSError as e:
+        raise UserError(f'cannot create the lock file {self.path} ({e.strerror}); pass a '
+                        'writable directory') from None
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors='replace').strip() or 'unknown'
+        os.close(fd)
+        raise UserError(f'{directory} is in use by another process (pid {holder}); wait for it '
+                        'or use another directory') from None
+      except OSError as e:
+        os.close(fd)
+        raise UserError(f'cannot lock {self.path} ({e.strerror}); use a directory on a local '
+                        'file system') from None
+      # The previous holder may have removed the file between our open and flock: then we locked
+      # an orphaned inode, and a third process may lock the new file. Retry on the current one.
+      try:
+        current = os.stat(self.path)
+      except FileNotFoundError:
+        current = None
+      held = os.fstat(fd)
+      if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
+        break
+      os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    self._fd = fd
 
   def __enter__(self):
     return self
@@ -94,17 +210,12 @@ class DirectoryLock:
     self.release()
 
   def release(self):
+    """Removes the lock file and releases the lock; calling it again does nothing."""
+    if self._fd is None:
+      return
     try:
-      os.remove(self.path)
+      os.remove(self.path)  # while still holding it, see the inode check in __init__
     except FileNotFoundError:
       pass
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+    os.close(self._fd)
+    self._fd = None

@@ -124,23 +124,46 @@ def test_a_step_that_would_overflow_theta_is_undone(experiment, tmp_path):
     OuterLearner(tf.zeros([2]), outer_learning_rate=1e39)
 
 
-def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(experiment, trained, tmp_path):
+def _flip_data(directory, prefix):
+  for name in os.listdir(directory):
+    if name.startswith(prefix) and '.data-' in name:
+      with open(directory / name, 'r+b') as f:
+        f.seek(0)
+        f.write(b'\x00garbage' * 64)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(experiment, trained, tmp_path,
+                                                                    caplog):
+  """ckpt-4 corrupt: resume from ckpt-2, replay steps 3-4 exactly, one TensorBoard value a step."""
+  from tensorboard.backend.event_processing import plugin_event_accumulator
+  train_dir, trainer, _, _ = trained
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  _flip_data(copy, 'ckpt-4')
+  resumed = _trainer(experiment, copy, steps=4)
+  with caplog.at_level('WARNING'):
+    resumed.train()
+  assert 'ckpt-4' in caplog.text  # the skipped checkpoint is named
+  np.testing.assert_array_equal(resumed.theta.numpy(), trainer.theta.numpy())
+  acc = plugin_event_accumulator.EventAccumulator(str(copy / 'summaries'),
+                                                  size_guidance={'tensors': 0})
+  acc.Reload()
+  assert [e.step for e in acc.Tensors('outer_loss')] == [1, 2, 3, 4]
+
+
+def test_corrupt_checkpoints_are_an_error_not_a_fresh_start(experiment, trained, tmp_path):
   train_dir, _, _, _ = trained
   copy = tmp_path / 'copy'
   shutil.copytree(train_dir, copy)
-  for name in os.listdir(copy):
-    if '.data-' in name:
-      with open(copy / name, 'r+b') as f:
-        f.seek(0)
-        f.write(b'\x00garbage' * 64)
-  with pytest.raises(UserError, match='is corrupt'):
-    _trainer(experiment, copy, steps=8).checkpoints.restore()
-  with pytest.raises(UserError, match='is corrupt'):  # bin/eval's loader refuses it too
+  _flip_data(copy, 'ckpt-')
+  with pytest.raises(UserError, match='corrupt'):
+    _trainer(experiment, copy, steps=8).train()
+  with pytest.raises(UserError, match='corrupt'):  # bin/eval's loader refuses it too
     checkpoints.load_learned_optimizer(str(copy))
   for digest in copy.glob('*.sha256.json'):  # without digests, TensorFlow's reader must notice
     os.remove(digest)
-  with pytest.raises(UserError, match='corrupt or incompatible'):
-    _trainer(experiment, copy, steps=8).checkpoints.restore()
+  with pytest.raises(UserError, match='corrupt'):
+    _trainer(experiment, copy, steps=8).train()
 
 
 def test_checkpoint_of_another_configuration_is_refused_and_left_alone(experiment, trained):
@@ -152,15 +175,15 @@ def test_checkpoint_of_another_configuration_is_refused_and_left_alone(experimen
   assert {p: p.read_bytes() for p in train_dir.iterdir() if p.is_file()} == before
 
 
-def test_unreadable_checkpoint_index_is_refused_not_overwritten(experiment, trained, tmp_path):
-  train_dir, _, _, _ = trained
+def test_an_unreadable_checkpoint_index_is_recovered_from_the_files(experiment, trained,
+                                                                    tmp_path):
+  train_dir, trainer, _, _ = trained
   copy = tmp_path / 'garbled_state'
   shutil.copytree(train_dir, copy)
   (copy / 'checkpoint').write_text('this is not a checkpoint state file')
-  before = sorted(os.listdir(copy))
-  with pytest.raises(UserError, match="no readable 'checkpoint' index"):
-    _trainer(experiment, copy, steps=8).train()
-  assert sorted(os.listdir(copy)) == before
+  resumed = _trainer(experiment, copy, steps=4)
+  assert resumed.train() is None  # ckpt-4 found by its files: nothing left to train
+  np.testing.assert_array_equal(resumed.theta.numpy(), trainer.theta.numpy())
 
 
 def _train_cmd(train_dir, steps):

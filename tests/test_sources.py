@@ -277,3 +277,32 @@ def test_npz_edge_cases_are_user_errors(tmp_path):
 def _npz_bytes(tmp_path):
   np.savez(tmp_path / 'full.npz', images=np.zeros((8, 4, 4), np.uint8), labels=np.arange(8))
   return (tmp_path / 'full.npz').read_bytes()
+
+
+@pytest.mark.parametrize('arrays,fragment', [
+    (dict(images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, -1, 2])),
+     'has label -1; store class ids >= 0'),
+    (dict(images=np.zeros((2, 4, 4), np.uint8), labels=np.array([0.0, 1.5])),
+     'labels must be integers'),
+    (dict(data=np.zeros((2, 3 * 4 * 4), np.uint8), labels=np.array([0, 1])),
+     'has label 0 (the Imagenet32 layout numbers classes from 1)'),
+    (dict(images=np.zeros((2, 1, 1), np.uint8), labels=np.array([0, 1])),
+     'images are 1x1 pixels; they must be at least 2x2'),
+    (dict(images=np.zeros((2, 1, 5, 3), np.uint8), labels=np.array([0, 1])),
+     'images are 1x5 pixels'),
+    (dict(data=np.zeros((2, 3), np.uint8), labels=np.array([1, 2])), 'images are 1x1 pixels'),
+])
+def test_npz_with_bad_labels_or_tiny_images(tmp_path, arrays, fragment):
+  np.savez(tmp_path / 'f.npz', **arrays)
+  with pytest.raises(UserError) as e:
+    load_source(f'npz:{tmp_path}/f.npz')
+  assert fragment in _message(e)
+
+
+def test_npz_smallest_accepted_images_and_float_integer_labels(tmp_path):
+  np.savez(tmp_path / 'f.npz', images=np.arange(16, dtype=np.uint8).reshape(4, 2, 2),
+           labels=np.array([3.0, 0.0, 3.0, 7.0]))
+  s = load_source(f'npz:{tmp_path}/f.npz')
+  assert s.images.shape == (4, 2, 2, 1)
+  np.testing.assert_array_equal(s.labels, [1, 0, 1, 2])
+  assert s.class_names == ('0', '3', '7')

@@ -50,20 +50,38 @@ class Source:
     return len(self.class_names)
 
 
-def _relabel(images, raw_labels, names_by_raw, spec):
-  """Maps arbitrary label values to contiguous ids 0..C-1, ordered by raw label."""
-  raw = np.asarray(raw_labels).reshape(-1)
+# Smallest image height and width a source may hold (a 1x1 image has no spatial structure).
+MIN_IMAGE_SIZE = 2
+
+
+def _integer_labels(labels, where):
+  """`labels` as int64 [N]; integer-valued floats are accepted, anything else is a UserError."""
+  raw = np.asarray(labels).reshape(-1)
   if not (np.issubdtype(raw.dtype, np.integer) or
           (np.issubdtype(raw.dtype, np.floating) and np.all(np.isfinite(raw)) and
            np.all(raw == np.round(raw)))):
-    raise UserError(f'source {spec!r}: labels must be integers, got dtype {raw.dtype}; store '
-                    'integer class ids')
-  raw = raw.astype(np.int64)
+    raise UserError(f'{where}: labels must be integers, got dtype {raw.dtype}; store integer '
+                    'class ids')
+  return raw.astype(np.int64)
+
+
+def _relabel(images, raw_labels, names_by_raw, spec):
+  """Maps arbitrary label values to contiguous ids 0..C-1, ordered by raw label.
+
+  Raises:
+    UserError: non-integer labels, not one label per image, no images, or images smaller than
+      MIN_IMAGE_SIZE x MIN_IMAGE_SIZE pixels.
+  """
+  raw = _integer_labels(raw_labels, f'source {spec!r}')
   if images.shape[0] != raw.shape[0]:
     raise UserError(f'source {spec!r}: {images.shape[0]} images but {raw.shape[0]} labels; '
                     'images and labels must have the same length')
   if raw.size == 0:
     raise UserError(f'source {spec!r} holds no images; point it at a non-empty dataset')
+  height, width = images.shape[1:3]
+  if min(height, width) < MIN_IMAGE_SIZE:
+    raise UserError(f'source {spec!r}: images are {height}x{width} pixels; they must be at least '
+                    f'{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}')
   uniq, labels = np.unique(raw, return_inverse=True)
   names = tuple(names_by_raw(int(u)) for u in uniq)
   return Source(images=images, labels=labels.astype(np.int64), class_names=names, spec=spec)
@@ -137,12 +155,12 @@ def _load_npz(spec, pattern):
       with loaded as z:
         keys = set(z.files)
         if {'images', 'labels'} <= keys:
-          images, labels = z['images'], z['labels']
+          images, labels, first_label = z['images'], z['labels'], 0
           if images.ndim == 3:
             images = images[..., None]
         elif {'data', 'labels'} <= keys:
           # Downsampled ImageNet: rows are channel-first flattened S x S x 3 images, labels 1..1000.
-          data, labels = z['data'], np.asarray(z['labels']) - 1
+          data, labels, first_label = z['data'], z['labels'], 1
           side = int(round(np.sqrt(data.shape[1] / 3))) if data.ndim == 2 else 0
           if data.ndim != 2 or side == 0 or 3 * side * side != data.shape[1]:
             raise UserError(f'source {spec!r}: {f} has data of shape {data.shape}, expected '
@@ -163,8 +181,13 @@ def _load_npz(spec, pattern):
     if all_images and images.shape[1:] != all_images[0].shape[1:]:
       raise UserError(f'source {spec!r}: inconsistent image sizes across files ({f} has '
                       f'{images.shape[1:]}, {files[0]} has {all_images[0].shape[1:]})')
+    labels = _integer_labels(labels, f'source {spec!r}: {f}')
+    if labels.size and labels.min() < first_label:
+      layout = ' (the Imagenet32 layout numbers classes from 1)' if first_label else ''
+      raise UserError(f'source {spec!r}: {f} has label {labels.min()}{layout}; store class ids '
+                      f'>= {first_label}')
     all_images.append(images)
-    all_labels.append(np.asarray(labels).reshape(-1))
+    all_labels.append(labels - first_label)
   return _relabel(np.concatenate(all_images), np.concatenate(all_labels), str, spec)
 
 

@@ -25,10 +25,10 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
     name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
     learned = (name, family, theta)
   experiment = common.build(build_experiment)
-  io_utils.ensure_writable_dir(output_dir)
-  results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
-                      learned=learned).run()
-  print(json.dumps(results['summary'], indent=2))
+  with io_utils.remove_created_dirs_on_error(output_dir):  # a refused run leaves no empty dir
+    results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
+                        learned=learned).run()
+  print(json.dumps(io_utils.json_safe(results['summary']), indent=2))
   print(f'results: {os.path.join(output_dir, "results.json")}')
   for name, path in results['plots'].items():
     print(f'{name}: {path}')

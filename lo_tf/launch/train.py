@@ -29,13 +29,13 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
     extra.append(f'TaskDistribution.test_source = {test_source!r}')
   common.parse_gin(gin_files, gin_bindings, extra)
   trainer = common.build(lambda: loop.OuterTrainer(build_experiment(), train_dir, seed=seed))
-  io_utils.ensure_writable_dir(train_dir)
-  result = trainer.train(config_str=gin.config_str())
+  with io_utils.remove_created_dirs_on_error(train_dir):  # a refused run leaves no empty dir
+    result = trainer.train(config_str=gin.config_str())
   if result is None:
     print(f'{train_dir} is already trained for {trainer.num_outer_steps} outer steps; raise '
           'OuterTrainer.num_outer_steps to train on')
     return None
-  print(json.dumps(result, indent=2))
+  print(json.dumps(io_utils.json_safe(result), indent=2))
   print(f'throughput: {os.path.join(train_dir, loop.THROUGHPUT)}')
   print(f'outer-training curves: {os.path.join(train_dir, loop.OUTER_TRAINING_PNG)}')
   print(f'TensorBoard summaries: {os.path.join(train_dir, "summaries")} '

@@ -64,47 +64,48 @@ class Checkpoints:
   """
 
   def __init__(self, train_dir, trackables, metadata, keep):
-    self.train_dir, self.metadata = train_dir, metadata
+    self.train_dir, self.metadata, self.keep = train_dir, metadata, keep
     self.checkpoint = tf.train.Checkpoint(**trackables)
-    self.manager = tf.train.CheckpointManager(self.checkpoint, train_dir, max_to_keep=keep)
     self._best = tf.train.Checkpoint(theta=trackables['theta'], step=trackables['step'])
     self.best_dir = os.path.join(train_dir, BEST)
-    self._best_manager = tf.train.CheckpointManager(self._best, self.best_dir, max_to_keep=1)
+    self.manager = self._best_manager = None
 
   def restore(self):
-    """Restores the latest checkpoint, if any, after checking it belongs to this configuration.
+    """Resumes from the newest checkpoint that verifies, after checking its configuration.
+
+    Call with the train_dir lock held: leftovers of saves killed midway are removed, a corrupt
+    newest checkpoint is skipped for the next older one that verifies (warning once), and the
+    `checkpoint` index is rewritten to match before the CheckpointManager takes over.
 
     Returns:
-      True if a checkpoint was restored.
+      The restored outer step, or None for a fresh start.
 
     Raises:
-      UserError: a checkpoint of another configuration, or none that can be read.
+      UserError: a checkpoint of another configuration, or checkpoints of which none verifies.
     """
+    checkpoints.remove_temp_dirs(self.train_dir)
     config_path = os.path.join(self.train_dir, LOPT_CONFIG)
-    latest = self.manager.latest_checkpoint
-    leftovers = tf.io.gfile.glob(os.path.join(self.train_dir, 'ckpt-*.index'))
-    if latest is None and (leftovers or os.path.exists(os.path.join(self.train_dir,
-                                                                    'checkpoint'))):
-      raise UserError(f'--train_dir {self.train_dir} holds checkpoint files but no readable '
-                      "'checkpoint' index pointing at one; restore that file or use a fresh "
-                      '--train_dir')
-    if latest is None:
-      return False
-    saved = checkpoints.read_json(config_path)
-    mismatch = [k for k in self.metadata if saved.get(k) != self.metadata[k]]
-    if mismatch:
-      raise UserError(f'--train_dir {self.train_dir} holds a run with a different {mismatch[0]} '
-                      f'({saved.get(mismatch[0])!r} vs {self.metadata[mismatch[0]]!r}); use a '
-                      'fresh --train_dir or the same configuration')
-    checkpoints.verify_digest(latest)
-    try:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
-    except Exception as e:  # TF raises DataLossError, NotFoundError, ValueError, ...
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-      raise UserError(f'checkpoint {latest} is corrupt or incompatible ({first}); delete '
-                      f'{self.train_dir} or pass a fresh --train_dir') from None
-    logging.info('resumed from %s', latest)
-    return True
+    kept, _ = checkpoints.kept_checkpoints(self.train_dir)
+    if kept:
+      if not os.path.exists(config_path):
+        raise UserError(f'--train_dir {self.train_dir} holds checkpoints but no {LOPT_CONFIG}; it '
+                        'was not written by bin/train: use a fresh --train_dir')
+      saved = io_utils.read_json(config_path, dict, 'run configuration',
+                                 'restore it from a backup or use a fresh --train_dir')
+      mismatch = [k for k in self.metadata if saved.get(k) != self.metadata[k]]
+      if mismatch:
+        raise UserError(f'--train_dir {self.train_dir} holds a run with a different '
+                        f'{mismatch[0]} ({saved.get(mismatch[0])!r} vs '
+                        f'{self.metadata[mismatch[0]]!r}); use a fresh --train_dir or the same '
+                        'configuration')
+    restored = checkpoints.restore_newest_valid(self.train_dir, self.checkpoint)
+    if restored is not None:
+      checkpoints.write_checkpoint_index(self.train_dir, restored)
+      logging.info('resumed from %s', restored.prefix)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, self.train_dir,
+                                              max_to_keep=self.keep)
+    self._best_manager = tf.train.CheckpointManager(self._best, self.best_dir, max_to_keep=1)
+    return None if restored is None else int(self.checkpoint.step)
 
   def write_metadata(self):
     """Writes lopt.json into the run and best directories (after the lock and the checks)."""
@@ -126,7 +127,7 @@ class Checkpoints:
 
   @property
   def latest(self):
-    return self.manager.latest_checkpoint
+    return self.manager.latest_checkpoint if self.manager else None
 
 
 def _check_finite(theta):
@@ -135,10 +136,23 @@ def _check_finite(theta):
 
 
 class Summaries:
-  """TensorBoard scalars in train_dir/summaries (tf.summary)."""
+  """TensorBoard scalars in train_dir/summaries (tf.summary).
 
-  def __init__(self, directory):
+  Args:
+    directory: the summaries directory.
+    start_step: the first outer step this run writes. A `SessionLog.START` event at that step
+      makes TensorBoard drop what an earlier, killed run wrote for steps >= start_step, so a
+      resumed run's replayed steps show once.
+  """
+
+  def __init__(self, directory, start_step):
     self.writer = tf.summary.create_file_writer(directory)
+    # tf.summary writes only Summary events; a SessionLog goes in through ImportEvent.
+    event = tf.compat.v1.Event(step=start_step, wall_time=time.time(),
+                               session_log=tf.compat.v1.SessionLog(
+                                   status=tf.compat.v1.SessionLog.START))
+    tf.raw_ops.ImportEvent(writer=self.writer._resource,  # pylint: disable=protected-access
+                           event=event.SerializeToString())
 
   def write(self, step, scalars, prefix=''):
     with self.writer.as_default(step=step):
@@ -275,7 +289,7 @@ class OuterTrainer:
       if config_str is not None:
         io_utils.atomic_write_bytes(os.path.join(self.train_dir, 'config.gin'),
                                     config_str.encode())
-      self.summaries = Summaries(os.path.join(self.train_dir, 'summaries'))
+      self.summaries = Summaries(os.path.join(self.train_dir, 'summaries'), int(self.step) + 1)
       return self._train()
 
   def _train(self):
