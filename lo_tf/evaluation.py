@@ -1,9 +1,15 @@
 """Evaluation on held-out classes against tuned baselines (paper §4.4, Fig. 1, App. D, App. E).
 
 For each outer-test task, Adam, RMSProp and SGD+Momentum are tuned over the 11-value learning-rate
-grid of §4.4 on the first initialization; the rate chosen per optimizer and per target metric (train
-loss: final-window minibatch loss; valid loss: lowest inner-valid loss) then runs on every
-initialization. The per-task best baseline is the best of the three. A learned optimizer, when given,
+grid of §4.4 on the first initialization; the rate chosen per optimizer and per target metric then
+runs on every initialization. The metrics:
+
+* ``train``: the smoothed minibatch train loss; tuned by its final-window value, compared by the
+  lowest value reached;
+* ``valid``: the inner-valid loss, tuned and compared by the lowest value reached (early stopping);
+* ``valid_final``: the inner-valid loss at the end of inner training, step T (Fig. 1c's "final test
+  loss"), tuned and compared by that value.
+ The per-task best baseline is the best of the three. A learned optimizer, when given,
 runs untuned on the same tasks and initializations. Every inner-training run is cached on disk by
 (task seed, optimizer, rate, init seed, experiment fingerprint), so re-runs do not repeat it.
 
@@ -13,7 +19,7 @@ read off the median curves.
 
 import dataclasses
 import hashlib
-import json
+import io
 import os
 import time
 
@@ -21,14 +27,17 @@ import numpy as np
 from absl import logging
 
 from lo_tf import io_utils
+from lo_tf import plotting
+from lo_tf.errors import UserError
 from lo_tf.errors import check_int
 from lo_tf.inner_training import InnerCurves
 from lo_tf.optimizers.hand_designed import BASELINES
 from lo_tf.optimizers.hand_designed import learning_rate_grid
 from lo_tf.tasks.distribution import OUTER_TEST
+from lo_tf.tasks.distribution import OUTER_TRAIN
 
 BASELINE_NAMES = ('adam', 'rmsprop', 'sgdm')
-METRICS = ('train', 'valid')
+METRICS = ('train', 'valid', 'valid_final')
 
 
 def smoothed_train_loss(train_loss, window):
@@ -57,30 +66,36 @@ class Summary:
   diverged: bool
   band: dict  # metric -> (25th, 75th percentile curves over inits)
 
+  def _curve(self, metric):
+    """(losses, steps, seconds) of the curve `metric` is read from."""
+    if metric == 'train':
+      return self.train, np.arange(1, len(self.train) + 1), self.seconds
+    return self.valid, self.eval_steps, self.eval_seconds
+
   def final(self, metric):
     """Final-window train loss, or final valid loss (inf if diverged)."""
-    v = (self.train if metric == 'train' else self.valid)[-1]
+    v = self._curve(metric)[0][-1]
     return float(v) if np.isfinite(v) else float('inf')
 
   def best(self, metric):
-    """Lowest train (smoothed) or valid loss reached (inf if none is finite)."""
-    v = self.train if metric == 'train' else self.valid
+    """The compared value: lowest train or valid loss reached, or the final valid loss (inf if
+    none is finite)."""
+    if metric == 'valid_final':
+      return self.final(metric)
+    v = self._curve(metric)[0]
     return float(np.nanmin(v)) if np.isfinite(v).any() else float('inf')
 
   def time_to(self, metric, target):
     """(steps, seconds) to first reach loss <= target, or (None, None) if never reached."""
-    if metric == 'train':
-      v, steps, secs = self.train, np.arange(1, len(self.train) + 1), self.seconds
-    else:
-      v, steps, secs = self.valid, self.eval_steps, self.eval_seconds
+    v, steps, secs = self._curve(metric)
     hit = np.flatnonzero(np.nan_to_num(v, nan=np.inf) <= target)
     if hit.size == 0:
       return None, None
     return int(steps[hit[0]]), float(secs[hit[0]])
 
   def selection_score(self, metric):
-    """The §4.4 tuning target: final-window train loss, or best valid loss."""
-    return self.final('train') if metric == 'train' else self.best('valid')
+    """The §4.4 tuning target: final-window train loss, best valid loss, or final valid loss."""
+    return self.final(metric) if metric in ('train', 'valid_final') else self.best(metric)
 
 
 def summarize(curves_list, window):
@@ -112,13 +127,13 @@ def compare(baseline, learned, metric):
 
   Args:
     baseline, learned: `Summary` of each.
-    metric: 'train' or 'valid'.
+    metric: one of METRICS.
 
   Returns:
-    dict: improvement (baseline best loss - learned best loss; positive = learned better),
-    speedup_steps and speedup_wallclock (steps and seconds the baseline needs to reach its own
-    best loss, divided by the learned optimizer's steps and seconds to reach that loss; 0 when the
-    learned optimizer never reaches it).
+    dict: improvement (baseline's compared value - the learned optimizer's, `Summary.best`;
+    positive = learned better), speedup_steps and speedup_wallclock (steps and seconds the baseline
+    needs to reach its compared value, divided by the learned optimizer's steps and seconds to reach
+    that loss; 0 when the learned optimizer never reaches it).
   """
   target = baseline.best(metric)
   b_steps, b_secs = baseline.time_to(metric, target)
@@ -192,7 +207,6 @@ class CurveCache:
     return InnerCurves(**fields)
 
   def put(self, key, curves):
-    import io  # pylint: disable=g-import-not-at-top
     buf = io.BytesIO()
     np.savez(buf, **dataclasses.asdict(curves))
     io_utils.atomic_write_bytes(self._path(key), buf.getvalue())
@@ -204,15 +218,32 @@ class Evaluator:
   Args:
     experiment: `lo_tf.experiment.Experiment`.
     output_dir: where results.json, plots and the run cache go.
-    num_tasks: number of outer-test tasks (task seeds 0..num_tasks-1).
+    num_tasks: number of tasks (task seeds first_task .. first_task + num_tasks - 1).
     num_inits: initializations per task (init seeds 0..num_inits-1; paper: 5).
     learned: optional (name, family, theta) of a learned optimizer; None evaluates baselines only.
     grid: learning rates of the baseline grid (default: the §4.4 grid of 11 values).
+    first_task: the first task seed.
+    split: OUTER_TEST (held-out classes, the default) or OUTER_TRAIN (App. D shows both: winning
+      on outer-train but not outer-test points at generalization, losing on both at
+      outer-training).
+    plot_tasks: Fig. 1a,b is drawn for this many tasks (the first ones).
+    provenance: JSON-able facts about the learned optimizer recorded in results.json (which
+      checkpoint or shipped name, θ's hash).
+
+  Raises:
+    UserError: for non-positive counts, a negative first task or an unknown split.
   """
 
-  def __init__(self, experiment, output_dir, num_tasks=20, num_inits=5, learned=None, grid=None):
+  def __init__(self, experiment, output_dir, num_tasks=20, num_inits=5, learned=None, grid=None,
+               first_task=0, split=OUTER_TEST, plot_tasks=1, provenance=None):
     check_int('Evaluator', 'num_tasks', num_tasks)
     check_int('Evaluator', 'num_inits', num_inits)
+    check_int('Evaluator', 'first_task', first_task, minimum=0)
+    check_int('Evaluator', 'plot_tasks', plot_tasks, minimum=0)
+    if split not in (OUTER_TEST, OUTER_TRAIN):
+      raise UserError(f'split={split!r}; use {OUTER_TEST!r} or {OUTER_TRAIN!r}')
+    self.first_task, self.split, self.plot_tasks = first_task, split, plot_tasks
+    self.provenance = provenance
     self.exp = experiment
     self.output_dir = io_utils.ensure_writable_dir(output_dir)
     self.cache = CurveCache(os.path.join(output_dir, 'cache'))
@@ -240,9 +271,8 @@ class Evaluator:
       family = BASELINES[name]
       tuning = [summarize([self._run(name, family, lr, task, 0, f'{lr:.3g}')], self.window)
                 for lr in self.grid]
-      entry = {'grid': [{'learning_rate': float(lr), 'final_train': s.final('train'),
-                         'best_train': s.best('train'), 'best_valid': s.best('valid'),
-                         'diverged': s.diverged} for lr, s in zip(self.grid, tuning)]}
+      entry = {'grid': [dict(self._describe(s), learning_rate=float(lr))
+                        for lr, s in zip(self.grid, tuning)]}
       for metric in METRICS:
         lr = float(self.grid[select_best(tuning, metric)])
         entry[f'best_lr_{metric}'] = lr
@@ -259,7 +289,7 @@ class Evaluator:
       record[f'best_baseline_{metric}'] = {'name': name, 'learning_rate': lr}
     if self.learned is not None:
       lname, family, theta = self.learned
-      label = hashlib.sha1(np.asarray(theta, np.float32).tobytes()).hexdigest()[:12]
+      label = theta_hash(theta)
       runs = [self._run(lname, family, theta, task, i, label) for i in range(self.num_inits)]
       s = summarize(runs, self.window)
       record['optimizers'][lname] = s
@@ -284,11 +314,10 @@ class Evaluator:
     Returns:
       The results dict ({'summary': ..., 'tasks': [...]}) also written to results.json.
     """
-    from lo_tf import plotting  # pylint: disable=g-import-not-at-top
     start = time.time()
     records = []
     for k in range(self.num_tasks):
-      task = self.exp.tasks.sample_task(OUTER_TEST, k)
+      task = self.exp.tasks.sample_task(self.split, self.first_task + k)
       records.append(self._evaluate_task(task))
       done = k + 1
       elapsed = time.time() - start
@@ -299,11 +328,14 @@ class Evaluator:
     results = {'summary': self._summary(records, time.time() - start), 'tasks': records,
                'config': {'fingerprint': self._fingerprint, 'num_inits': self.num_inits,
                           'learned_optimizer': self.learned[0] if self.learned else None,
+                          'learned_optimizer_provenance': self.provenance,
+                          'split': self.split, 'first_task': self.first_task,
                           'grid': self.grid.tolist(),
                           'num_steps': self.exp.trainer.num_steps,
+                          'train_source': self.exp.tasks.train_spec,
                           'test_source': self.exp.tasks.test_spec or self.exp.tasks.train_spec}}
     plots = plotting.figure1(summaries, records, self.learned[0] if self.learned else None,
-                             self.output_dir)
+                             self.output_dir, self.plot_tasks)
     results['plots'] = plots
     io_utils.atomic_write_json(os.path.join(self.output_dir, 'results.json'), results)
     return results
@@ -313,7 +345,11 @@ class Evaluator:
                 wall_seconds=wall_seconds, runs=self._runs_done, cached_runs=self.cache.hits)
 
 
+def theta_hash(theta):
+  """Short SHA-1 of θ's float32 bytes: names a learned optimizer in caches and results."""
+  return hashlib.sha1(np.asarray(theta, np.float32).tobytes()).hexdigest()[:12]
+
+
 def load_results(path):
-  """Reads a results.json written by `Evaluator.run`."""
-  with open(path) as f:
-    return json.load(f)
+  """Reads a results.json written by `Evaluator.run` (UserError if unreadable)."""
+  return io_utils.read_json(path, dict, 'evaluation results', 'rerun bin/eval')

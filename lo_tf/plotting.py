@@ -21,24 +21,20 @@ from lo_tf import io_utils  # pylint: disable=g-import-not-at-top,wrong-import-p
 _COLORS = {'adam': 'tab:blue', 'rmsprop': 'tab:green', 'sgdm': 'tab:orange'}
 
 
-def figure1(summaries, records, learned_name, output_dir):
-  """Writes the Fig. 1 PNGs; returns {name: path} of what was written.
+_ROWS = (('train', 'train loss (smoothed minibatch)', 'tuned for the final train loss'),
+         ('valid', 'test loss (inner-valid)', 'tuned for the lowest test loss'),
+         ('valid_final', 'test loss (inner-valid)', 'tuned for the final test loss'))
 
-  Args:
-    summaries: per task, {optimizer label: `lo_tf.evaluation.Summary`} (labels 'adam@train', ...).
-    records: per-task result records (for improvements and chosen rates).
-    learned_name: label of the learned optimizer in `summaries`, or None.
-    output_dir: destination directory.
-  """
-  paths = {}
-  fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-  first = summaries[0]
-  for row, metric in enumerate(('train', 'valid')):
+
+def _figure1ab(summaries, record, learned_name, path):
+  """Fig. 1a,b for one task: one row per metric, against steps and against seconds."""
+  fig, axes = plt.subplots(len(_ROWS), 2, figsize=(11, 11))
+  for row, (metric, ylabel, tuned) in enumerate(_ROWS):
     labels = [f'{n}@{metric}' for n in _COLORS] + ([learned_name] if learned_name else [])
     for col, xaxis in enumerate(('steps', 'seconds')):
       ax = axes[row, col]
       for label in labels:
-        s = first[label]
+        s = summaries[label]
         name = label.split('@')[0]
         color = _COLORS.get(name, 'tab:red')
         if metric == 'train':
@@ -47,38 +43,57 @@ def figure1(summaries, records, learned_name, output_dir):
         else:
           y = s.valid
           x = s.eval_steps if xaxis == 'steps' else s.eval_seconds
-        lr = records[0].get(name, {}).get(f'best_lr_{metric}')
+        lr = record.get(name, {}).get(f'best_lr_{metric}')
         text = f'{name} (lr {lr:.3g})' if lr is not None else name
         ax.plot(x, y, color=color, label=text, lw=2 if name == learned_name else 1.2)
-        lo, hi = s.band[metric]
+        lo, hi = s.band['train' if metric == 'train' else 'valid']
         ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
         best = s.best(metric)
         if np.isfinite(best):
           ax.axhline(best, color=color, ls='--', lw=0.8)
       ax.set_xlabel('inner steps' if xaxis == 'steps' else 'wall-clock seconds (training only)')
-      ax.set_ylabel('train loss (smoothed minibatch)' if metric == 'train' else
-                    'test loss (inner-valid)')
+      ax.set_ylabel(ylabel)
+      ax.set_title(f'baselines {tuned}', fontsize=9)
       ax.set_yscale('log')
       ax.grid(alpha=0.3)
-  axes[0, 0].legend(fontsize=8)
-  names = records[0]['class_names']
+      ax.legend(fontsize=7)
+  names = record['class_names']
   shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
-  fig.suptitle(f'Held-out task 0 ({len(names)} classes: {shown})\nmedian and 25/75 percentiles '
-               'over inits; dashed: best loss reached', fontsize=10)
+  fig.suptitle(f'Task {record["task_seed"]} ({len(names)} classes: {shown})\nmedian and 25/75 '
+               'percentiles over inits; dashed: the value compared', fontsize=10)
   fig.tight_layout()
-  paths['fig1ab_curves'] = os.path.join(output_dir, 'fig1ab_curves.png')
-  io_utils.atomic_savefig(fig, paths['fig1ab_curves'])
+  io_utils.atomic_savefig(fig, path)
   plt.close(fig)
+
+
+def figure1(summaries, records, learned_name, output_dir, plot_tasks=1):
+  """Writes the Fig. 1 PNGs; returns {name: path} of what was written.
+
+  Args:
+    summaries: per task, {optimizer label: `lo_tf.evaluation.Summary`} (labels 'adam@train', ...).
+    records: per-task result records (for improvements and chosen rates).
+    learned_name: label of the learned optimizer in `summaries`, or None.
+    output_dir: destination directory.
+    plot_tasks: Fig. 1a,b for this many tasks: `fig1ab_curves.png` for the first,
+      `fig1ab_task<seed>.png` for the others.
+  """
+  paths = {}
+  for i in range(min(plot_tasks, len(records))):
+    key = 'fig1ab_curves' if i == 0 else f'fig1ab_task{records[i]["task_seed"]}'
+    paths[key] = os.path.join(output_dir, key + '.png')
+    _figure1ab(summaries[i], records[i], learned_name, paths[key])
   if learned_name:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    imps = {m: np.array([r[f'improvement_{m}'] for r in records], float) for m in ('train', 'valid')}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    metrics = [m for m, _, _ in _ROWS]
+    imps = {m: np.array([r[f'improvement_{m}'] for r in records], float) for m in metrics}
     finite = np.concatenate([v[np.isfinite(v)] for v in imps.values()])
-    bins = np.histogram_bin_edges(finite if finite.size else [0.0], bins=min(20, max(5, len(records))))
-    for metric, color in (('train', 'tab:blue'), ('valid', 'tab:red')):
+    bins = np.histogram_bin_edges(finite if finite.size else [0.0],
+                                  bins=min(20, max(5, len(records))))
+    for metric, color in zip(metrics, ('tab:blue', 'tab:orange', 'tab:red')):
       imp = imps[metric][np.isfinite(imps[metric])]
       if imp.size:
-        ax.hist(imp, bins=bins, alpha=0.5, color=color,
-                label=f'{metric} loss: {np.mean(imp > 0):.0%} of tasks better')
+        ax.hist(imp, bins=bins, alpha=0.45, color=color,
+                label=f'{metric}: {np.mean(imp > 0):.0%} of tasks better')
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.axvline(0, color='k', lw=0.8)
     ax.set_xlabel('loss improvement over the best tuned baseline (positive: learned better)')

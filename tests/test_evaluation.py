@@ -62,8 +62,8 @@ def test_win_rate_and_medians():
   records = []
   for imp, speed, name in ((0.1, 4.0, 'adam'), (-0.2, 0.0, 'sgdm'), (0.3, 2.0, 'adam'),
                            (0.05, 3.0, 'rmsprop')):
-    rec = {'best_baseline_train': {'name': name}, 'best_baseline_valid': {'name': name}}
-    for metric in ('train', 'valid'):
+    rec = {f'best_baseline_{m}': {'name': name} for m in evaluation.METRICS}
+    for metric in evaluation.METRICS:
       rec.update({f'improvement_{metric}': imp, f'speedup_steps_{metric}': speed,
                   f'speedup_wallclock_{metric}': speed / 2})
     records.append(rec)
@@ -73,7 +73,21 @@ def test_win_rate_and_medians():
   assert s['speedup_steps_train'] == pytest.approx(2.5)
   assert s['speedup_wallclock_valid'] == pytest.approx(1.25)
   assert s['best_baseline_counts_valid'] == {'adam': 2, 'rmsprop': 1, 'sgdm': 1}
+  assert s['win_rate_valid_final'] == 0.75
   assert 'win_rate_valid' not in evaluation.summarize_tasks(records, with_learned=False)
+
+
+def test_final_valid_metric_compares_the_loss_at_step_t():
+  # Baseline: best valid 0.5 at step 4 but 0.8 at T; learned: 0.6 at T (worse early-stopped).
+  b = _summary([1] * 7, valid=[1.0, 0.7, 0.5, 0.8], eval_every=2)
+  l = _summary([1] * 7, valid=[1.0, 0.9, 0.7, 0.6], eval_every=2)
+  out = evaluation.compare(b, l, 'valid_final')
+  assert out['improvement'] == pytest.approx(0.2)
+  assert out['speedup_steps'] == pytest.approx(2 / 4)  # 0.8 reached at step 2 vs 4
+  assert evaluation.compare(b, l, 'valid')['improvement'] == pytest.approx(-0.1)
+  # Tuned by the loss at T, a rate that early-stops well but ends badly is not chosen.
+  assert evaluation.select_best([b, l], 'valid_final') == 1
+  assert evaluation.select_best([b, l], 'valid') == 0
 
 
 def test_smoothed_train_loss():
@@ -93,9 +107,10 @@ def tiny_experiment():
 def evaluated(tiny_experiment, tmp_path_factory):
   out = tmp_path_factory.mktemp('eval')
   lopt = MLPLOpt()
-  learned = ('learned', lopt.optimizer, lopt.init_theta(tf.constant([0, 0])))
+  learned = ('learned', lopt, lopt.init_theta(tf.constant([0, 0])))
   ev = evaluation.Evaluator(tiny_experiment, str(out), num_tasks=2, num_inits=2,
-                            learned=learned, grid=[1e-2, 1e-1])
+                            learned=learned, grid=[1e-2, 1e-1], first_task=3, plot_tasks=2,
+                            provenance={'spec': 'test'})
   return out, ev, ev.run(), learned
 
 
@@ -105,14 +120,19 @@ def test_results_json_schema_and_plots(evaluated):
     on_disk = json.load(f)
   assert on_disk['summary'] == json.loads(json.dumps(results['summary']))
   s = on_disk['summary']
-  for key in ('num_tasks', 'win_rate_valid', 'win_rate_train', 'median_improvement_valid',
-              'median_improvement_train', 'speedup_steps_train', 'speedup_wallclock_train',
+  for key in ('num_tasks', 'win_rate_valid', 'win_rate_train', 'win_rate_valid_final',
+              'median_improvement_valid', 'median_improvement_train',
+              'median_improvement_valid_final', 'speedup_steps_train', 'speedup_wallclock_train',
               'speedup_wallclock_valid', 'wall_seconds'):
     assert key in s, key
   assert s['num_tasks'] == 2 and 0.0 <= s['win_rate_valid'] <= 1.0
+  assert [t['task_seed'] for t in on_disk['tasks']] == [3, 4]
+  assert on_disk['config']['learned_optimizer_provenance'] == {'spec': 'test'}
+  assert on_disk['config']['split'] == 'outer_test'
+  assert sorted(on_disk['plots']) == ['fig1ab_curves', 'fig1ab_task4', 'fig1c_improvement']
   for task in on_disk['tasks']:
     assert len(task['classes']) == 3 and isinstance(task['task_seed'], int)
-    for metric in ('train', 'valid'):
+    for metric in evaluation.METRICS:
       best = task[f'best_baseline_{metric}']
       assert best['name'] in ('adam', 'rmsprop', 'sgdm')
       assert best['learning_rate'] in (1e-2, 1e-1)
@@ -130,7 +150,7 @@ def test_second_run_hits_the_cache(evaluated, tiny_experiment):
   out, first, results, learned = evaluated
   assert first.cache.hits < first._runs_done
   again = evaluation.Evaluator(tiny_experiment, str(out), num_tasks=2, num_inits=2,
-                               learned=learned, grid=[1e-2, 1e-1])
+                               learned=learned, grid=[1e-2, 1e-1], first_task=3)
   again_results = again.run()
   assert again.cache.misses == 0 and again.cache.hits == again._runs_done > 0
   assert again_results['summary']['win_rate_valid'] == results['summary']['win_rate_valid']

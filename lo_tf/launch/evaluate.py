@@ -7,12 +7,14 @@ from lo_tf import all_configurables  # pylint: disable=unused-import
 from lo_tf import checkpoints
 from lo_tf import io_utils
 from lo_tf.evaluation import Evaluator
+from lo_tf.evaluation import theta_hash
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import common
+from lo_tf.tasks.distribution import OUTER_TEST
 
 
 def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_tasks, num_inits,
-                        output_dir):
+                        output_dir, first_task=0, split=OUTER_TEST, plot_tasks=1):
   """Parses gin, builds the experiment, loads the learned optimizer, evaluates, prints a summary.
 
   Raises:
@@ -20,14 +22,18 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
   """
   extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
   common.parse_gin(gin_files, gin_bindings, extra)
-  learned = None
+  learned = provenance = None
   if checkpoint:
-    name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
+    name, family, theta, meta = checkpoints.load_learned_optimizer(checkpoint)
     learned = (name, family, theta)
+    provenance = {'spec': checkpoint, 'checkpoint': meta.get('checkpoint'),
+                  'theta_sha1': theta_hash(theta), 'outer_steps': meta.get('outer_steps'),
+                  'objective': meta.get('objective'), 'lopt': meta.get('lopt')}
   experiment = common.build(build_experiment)
   with io_utils.remove_created_dirs_on_error(output_dir):  # a refused run leaves no empty dir
     results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
-                        learned=learned).run()
+                        learned=learned, first_task=first_task, split=split,
+                        plot_tasks=plot_tasks, provenance=provenance).run()
   print(json.dumps(io_utils.json_safe(results['summary']), indent=2))
   print(f'results: {os.path.join(output_dir, "results.json")}')
   for name, path in results['plots'].items():
