@@ -17,7 +17,8 @@ import time
 
 from absl import flags
 
-from lo_tf import cli
+from lo_tf.errors import UserError
+from lo_tf.launch import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MNIST = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'mnist', 'mnist_test.npz')
@@ -49,7 +50,7 @@ def _load(spec, test_fraction, seed):
   order = np.random.default_rng(seed).permutation(len(source.labels))
   n_test = int(round(test_fraction * len(order)))
   if not 0 < n_test < len(order):
-    raise cli.UserError(f'--test_fraction={test_fraction} leaves no train or no test images of '
+    raise UserError(f'--test_fraction={test_fraction} leaves no train or no test images of '
                         f'{len(order)}; use a value in (0, 1)')
   x = source.images.astype(np.float32) / 255.0
   test, train = order[:n_test], order[n_test:]
@@ -117,8 +118,7 @@ def _plot(runs, learned, tuned, title, path):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments {argv[1:]}; flags are --name=value')
+  common.check_no_arguments(argv)
   from lo_tf import checkpoints  # pylint: disable=g-import-not-at-top
   from lo_tf import io_utils  # pylint: disable=g-import-not-at-top
   from lo_tf.errors import check_int  # pylint: disable=g-import-not-at-top
@@ -127,23 +127,23 @@ def main(argv):
   for name in ('steps', 'eval_every', 'batch_size'):
     check_int('flags', name, getattr(FLAGS, name))
   if FLAGS.steps < FLAGS.eval_every:
-    raise cli.UserError(f'--steps={FLAGS.steps} is below --eval_every={FLAGS.eval_every}; '
+    raise UserError(f'--steps={FLAGS.steps} is below --eval_every={FLAGS.eval_every}; '
                         'train for at least one evaluation interval')
   try:
     rates = [float(r) for r in FLAGS.adam_learning_rates]
   except ValueError:
-    raise cli.UserError(f'--adam_learning_rates={",".join(FLAGS.adam_learning_rates)} must be '
+    raise UserError(f'--adam_learning_rates={",".join(FLAGS.adam_learning_rates)} must be '
                         'numbers, e.g. 1e-3,3e-3') from None
   if not rates or min(rates) <= 0:
-    raise cli.UserError('--adam_learning_rates must be positive numbers, e.g. 1e-3,3e-3')
+    raise UserError('--adam_learning_rates must be positive numbers, e.g. 1e-3,3e-3')
   spec = FLAGS.optimizer
   if spec is None:
     if not checkpoints.shipped_names():
-      raise cli.UserError('no learned optimizer is shipped in lo_tf/pretrained; pass '
+      raise UserError('no learned optimizer is shipped in lo_tf/pretrained; pass '
                           '--optimizer=TRAIN_DIR (written by bin/train) or a checkpoint path')
     spec = checkpoints.shipped_names()[0]
   if not FLAGS.output.endswith('.png'):
-    raise cli.UserError(f'--output={FLAGS.output!r} must name a .png file')
+    raise UserError(f'--output={FLAGS.output!r} must name a .png file')
   io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)))
   LearnedOptimizer(spec)  # fails here, before any training, for a bad spec
   *data, data_spec, num_classes = _load(FLAGS.data, FLAGS.test_fraction, FLAGS.seed)
@@ -174,4 +174,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  common.run(main)
