@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trains a small Keras CNN with the learned optimizer and with Adam tuned over a learning-rate grid.
+"""Trains a small Keras CNN with the learned optimizer and with Adam tuned over a rate grid.
 
 Every optimizer starts from the same initial weights and sees the same batches (`model.fit` on one
 seeded tf.data pipeline). Adam runs at every rate of --adam_learning_rates; the tuned Adam is the
@@ -9,7 +9,7 @@ loss, test loss and test accuracy against steps, and the curves as JSON beside i
 Data: the MNIST test set of ../shared/data/mnist/mnist_test.npz when it is present (80% of its
 10,000 images to train, 20% to test), else scikit-learn's bundled 8x8 digits.
 
-  python examples/keras_digits.py --optimizer=SHIPPED_NAME|TRAIN_DIR|CKPT --output=runs/keras_digits.png
+  python examples/keras_digits.py --optimizer=NAME|TRAIN_DIR|CKPT --output=runs/keras_digits.png
 """
 
 import os

@@ -115,7 +115,8 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
       config = lopt.config() if isinstance(lopt, MLPLOpt) else lopt
       if not isinstance(config, dict):
         raise UserError(f'LearnedOptimizer: lopt={lopt!r} must be an MLPLOpt or its config dict')
-      family, theta = checkpoints._build(config, theta, 'LearnedOptimizer')  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      family, theta = checkpoints._build(config, theta, 'LearnedOptimizer')
       if isinstance(lopt, MLPLOpt):
         family = lopt  # keeps the caller's implementation choice
     super().__init__(learning_rate=_unit_learning_rate, name=name, **kwargs)

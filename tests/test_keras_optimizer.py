@@ -105,9 +105,10 @@ def test_same_updates_and_slots_as_mlp_lopt_optimizer(impl, mode):
   assert set(chosen) == {'reference' if mode == 'jit' else impl}
   assert int(opt.iterations) == 4 == float(state.t)
   sizes = [int(np.prod(s)) for s in SHAPES]
-  for name, slots, ref in (('m', opt._momenta, state.m), ('v', opt._second_moments, state.v)):  # pylint: disable=protected-access
+  for suffix, ref in (('_momentum', state.m), ('_second_moment', state.v)):
+    slots = [v for v in opt.variables if v.name.endswith(suffix)]
     np.testing.assert_allclose(np.concatenate([s.numpy() for s in slots]), ref.numpy(),
-                               rtol=1e-6, atol=1e-9, err_msg=name)
+                               rtol=1e-6, atol=1e-9, err_msg=suffix)
     assert [s.shape for s in slots] == [(n, lopt.depth) for n in sizes]
 
 
