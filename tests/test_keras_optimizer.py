@@ -206,13 +206,13 @@ def test_bad_name_and_incompatible_checkpoint_are_one_line_errors(tmp_path):
   _one_line_error('non-finite', theta=np.full(1090, np.nan), lopt=lopt)
 
 
-@pytest.mark.xfail(strict=True, reason='checkpoints._build passes on the multi-line TypeError of '
-                   'gin; it should keep its first line')
 def test_unknown_configuration_key_is_a_one_line_error(tmp_path):
   lopt = MLPLOpt()
   train_dir = _write_train_dir(str(tmp_path / 'run'), dict(lopt.config(), nope=1),
                                _random_theta(lopt))
   _one_line_error('configuration is not understood', train_dir)
+  _one_line_error('configuration is not understood', theta=_random_theta(lopt),
+                  lopt=dict(lopt.config(), nope=1))
 
 
 def test_misuse_is_rejected_with_one_line_errors():
