@@ -546,3 +546,21 @@ def test_tensorboard_shows_one_value_per_step_after_a_resume(tmp_path, start_mar
     assert shown == [(s, s + (0.5 if s > 6 else 0.0)) for s in range(1, 11)]
   else:  # without the marker, steps 7..10 appear twice
     assert [s for s, _ in shown] == list(range(1, 11)) + list(range(7, 11))
+
+
+def test_export_of_several_runs_ships_the_best_by_outer_train_meta_loss(tmp_path):
+  """Paper §4.3: θ seeds are compared by outer-training loss; each run stands for its best θ."""
+  runs = []
+  for i, score in enumerate((0.9, 0.4, 0.7)):
+    run = tmp_path / f'seed{i}'
+    _write_train_dir(str(run / 'best'), steps=(i + 1,))
+    io_utils.atomic_write_json(str(run / 'throughput.json'),
+                               {'best_meta_eval_score': score, 'git_revision': 'abc'})
+    runs.append(str(run))
+  out = str(tmp_path / 'pretrained')
+  meta = json.load(open(export.export_from_flags(runs, 'best_of_3', 'cmd', out_dir=out)))
+  assert meta['selected'] == runs[1] and meta['outer_steps'] == 2
+  assert [c['best_meta_eval_score'] for c in meta['selection']] == [0.9, 0.4, 0.7]
+  with pytest.raises(UserError, match='finished train_dirs'):
+    export.export_from_flags(runs + [os.path.join(runs[0], 'best', 'ckpt-1')], 'x', 'cmd',
+                             out_dir=out)

@@ -5,24 +5,66 @@ import platform
 
 from lo_tf import checkpoints
 from lo_tf import io_utils
+from lo_tf.errors import UserError
 from lo_tf.outer_trainers import loop
 
 
-def export_from_flags(checkpoint, name, command, eval_results=None, git_revision=None,
-                      overwrite=False, out_dir=checkpoints.PRETRAINED_DIR):
-  """`bin/export_optimizer`: gathers the provenance of a train_dir and ships its θ.
+def _candidate(spec):
+  """(θ spec to export, its run directory, its outer-train meta-eval score or None) of a spec.
 
-  Records the outer-training command, git revision, wall time and machine (from the train_dir's
-  throughput.json), its config.gin, and optionally the summary of an evaluation.
+  A train_dir written by bin/train stands for its best θ (train_dir/best), scored by the run's
+  `best_meta_eval_score` (paper §4.3: outer-training loss selects the model); a checkpoint path
+  stands for itself and has no score.
+  """
+  best = os.path.join(spec, loop.BEST)
+  if os.path.isdir(spec) and os.path.isdir(best):
+    record = os.path.join(spec, loop.THROUGHPUT)
+    if not os.path.exists(record):
+      raise UserError(f'{spec} has no {loop.THROUGHPUT}: its run did not finish; finish it with '
+                      'bin/train or pass a checkpoint path')
+    t = io_utils.read_json(record, dict, 'throughput record', 'rerun bin/train on that train_dir')
+    return best, spec, t.get('best_meta_eval_score')
+  directory = spec if os.path.isdir(spec) else os.path.dirname(spec)
+  return spec, directory, None
+
+
+def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_revision=None,
+                      overwrite=False, out_dir=checkpoints.PRETRAINED_DIR):
+  """`bin/export_optimizer`: picks the best of several runs and ships its θ with its provenance.
+
+  Args:
+    checkpoints_specs: train_dirs (each stands for its best θ, train_dir/best) or checkpoint
+      paths. Of several train_dirs, the one with the lowest outer-train meta-evaluation score is
+      shipped (paper §4.3: "we use outer-training loss to select the best model"); every
+      candidate's score is recorded.
+    name: the shipped name ([a-z0-9_]+).
+    command: the outer-training command, recorded.
+    eval_results: optional results.json whose summary is recorded.
+    git_revision: the revision that trained it (default: from the run's throughput.json).
+    overwrite: replace a shipped optimizer of that name.
+    out_dir: where to ship (lo_tf/pretrained).
+
+  Returns:
+    The path of the written `<name>.json`.
 
   Raises:
-    UserError: for a bad or existing name (without `overwrite`), a missing or corrupt checkpoint,
-      or an unreadable throughput.json or results file.
+    UserError: for a bad or existing name (without `overwrite`), several specs that are not all
+      finished train_dirs, a missing or corrupt checkpoint, or an unreadable record.
   """
   checkpoints.check_export_name(name, out_dir, overwrite)
-  directory = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-  meta = {'command': command, 'machine': platform.processor() or platform.machine()}
-  throughput = os.path.join(directory, 'throughput.json')
+  if isinstance(checkpoints_specs, str):
+    checkpoints_specs = [checkpoints_specs]
+  candidates = [(spec,) + _candidate(spec) for spec in checkpoints_specs]
+  if len(candidates) > 1 and any(score is None for *_, score in candidates):
+    raise UserError('several --checkpoint values must all be finished train_dirs (their best θ '
+                    'is compared by outer-train meta-loss); pass one checkpoint path alone')
+  spec, theta_spec, directory, score = min(
+      candidates, key=lambda c: float('inf') if c[3] is None else c[3])
+  meta = {'command': command, 'machine': platform.processor() or platform.machine(),
+          'selection': [{'train_dir': s, 'best_meta_eval_score': sc} for s, _, _, sc in
+                        candidates] if len(candidates) > 1 else None,
+          'selected': spec}
+  throughput = os.path.join(directory, loop.THROUGHPUT)
   if os.path.exists(throughput):
     t = io_utils.read_json(throughput, dict, 'throughput record',
                            'delete it (it is rewritten by the next bin/train run) and retry')
@@ -38,4 +80,4 @@ def export_from_flags(checkpoint, name, command, eval_results=None, git_revision
     results = io_utils.read_json(eval_results, dict, 'evaluation results',
                                  'pass a results.json written by bin/eval')
     meta['eval_summary'] = results.get('summary')
-  return checkpoints.export_pretrained(checkpoint, name, meta, out_dir, overwrite)
+  return checkpoints.export_pretrained(theta_spec, name, meta, out_dir, overwrite)
