@@ -1,5 +1,6 @@
 """The flag plumbing of every `bin/` tool: flag and gin parsing, one-line errors with exit 2."""
 
+import logging as std_logging
 import os
 import sys
 
@@ -9,6 +10,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 import gin
+import tensorflow as tf
 
 from lo_tf import all_configurables  # pylint: disable=unused-import  (every gin name is known)
 from lo_tf.errors import UserError
@@ -79,8 +81,11 @@ def run(main):
   def wrapped(argv):
     try:
       logging.set_verbosity(logging.INFO)
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.get_logger().setLevel('ERROR')  # TF's own INFO/WARNING lines are noise here
+      # TensorFlow's own INFO lines (some log through absl, e.g. its checkpoint saver) are noise.
+      tf.get_logger().setLevel('ERROR')
+      logging.get_absl_handler().addFilter(
+          lambda record: record.levelno >= std_logging.WARNING or
+          f'{os.sep}tensorflow{os.sep}' not in record.pathname)
       try:
         main(argv)
       except tf.errors.OpError as e:  # file-system failures surface as OpErrors from TF's I/O

@@ -15,6 +15,7 @@ killed one was.
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -253,7 +254,9 @@ class OuterTrainer:
                   if used.any() else math.nan,
                   unroll_length=float(np.mean(lengths)), dropped_samples=int((~used).sum()),
                   resets=int(out.reset.numpy().sum()), theta_norm=float(tf.norm(self.theta)),
-                  unrolled_steps=2 * int(lengths.sum()))
+                  unrolled_steps=2 * int(lengths.sum()),
+                  # Peak resident memory: flat once the graphs are built (nothing accumulates).
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     return result
 
   def _meta_evaluate(self, step):
