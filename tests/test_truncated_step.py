@@ -173,7 +173,8 @@ def _reference_sample(step, lopt, theta, state, s, k, noise, seed, sigma):
 
 def test_batched_estimator_equals_one_sample_at_a_time_reference(tasks, mlp):
   lopt = MLPLOpt(lambda_exp=0.1, lambda_lin=0.1, hidden_size=8, implementation='reference')
-  step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=40, batch_size=8, objective='train')
+  step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=40, batch_size=8, objective='train',
+                       meta_loss_batches=1)
   sigma = 0.1
   estimator = MergedEstimator(step, Curriculum(4, 4, 1, 0.0), sigma=sigma)
   state = _started(step, 2)._replace(inner_step=tf.constant([3, 5]))  # no reset: full k = 4

@@ -70,8 +70,9 @@ class TruncatedStep:
     num_inner_steps: T, the length of a worker's inner training before it starts a new task.
     batch_size: inner minibatch size.
     objective: 'train' (L_train) or 'valid' (L_valid).
-    meta_loss_batches: minibatches the outer loss is averaged over at each new iterate (0: reuse
-      the next step's inner-train minibatch; L_train only).
+    meta_loss_batches: minibatches the outer loss is averaged over at each new iterate (the
+      authors' code: 5, `common_trainer.py`; 0: reuse the next step's inner-train minibatch, which
+      costs no extra forward pass; L_train only).
     loss_clip: clip inner and outer losses at this value (None: no clipping).
 
   Raises:
@@ -79,7 +80,7 @@ class TruncatedStep:
   """
 
   def __init__(self, tasks, problem, family, num_inner_steps, batch_size, objective='train',
-               meta_loss_batches=1, loss_clip=10.0):
+               meta_loss_batches=5, loss_clip=10.0):
     if objective not in OBJECTIVES:
       raise UserError(f'objective={objective!r}; use "train" or "valid"')
     check_int('TruncatedStep', 'meta_loss_batches', meta_loss_batches, minimum=0)
