@@ -65,7 +65,8 @@ def test_one_step_unrolled_gradient_of_a_learning_rate_is_minus_g1_dot_g0(tasks)
 
 
 def test_rp_gradient_matches_finite_differences_of_the_unrolled_loss(tasks, mlp):
-  # Large temperatures make L depend strongly on θ, so float32 differences are accurate.
+  # Large temperatures make L depend strongly on θ, so float32 differences are accurate; a small
+  # step keeps the central difference off the ReLU kinks of the inner net and the optimizer MLP.
   lopt = MLPLOpt(lambda_exp=0.1, lambda_lin=0.1, hidden_size=8, implementation='reference')
   step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=20, batch_size=8, objective='train')
   state = _started(step, 1)
@@ -80,9 +81,9 @@ def test_rp_gradient_matches_finite_differences_of_the_unrolled_loss(tasks, mlp)
   for _ in range(3):
     d = rng.normal(size=grad.shape).astype(np.float32)
     d /= np.linalg.norm(d)
-    eps = 3e-3
+    eps = 1e-3
     fd = (float(loss(theta + eps * d)) - float(loss(theta - eps * d))) / (2 * eps)
-    np.testing.assert_allclose(np.dot(grad, d), fd, rtol=0.03, atol=1e-4)
+    np.testing.assert_allclose(np.dot(grad, d), fd, rtol=0.02, atol=1e-4)
 
 
 def test_masked_lengths_and_copies_sharing_batches(tasks, mlp):
@@ -94,7 +95,8 @@ def test_masked_lengths_and_copies_sharing_batches(tasks, mlp):
   loss, end, _ = step.unroll(theta, state, tf.constant([3, 5]), seed, pairs=2)
   loss2, end2, _ = step.unroll(theta, state, tf.constant([3, 3]), seed, pairs=2)
   # Copy 0 runs 3 steps in both calls: the longer copy beside it changes nothing.
-  assert float(loss[0]) == float(loss2[0]) == float(loss2[1])
+  assert float(loss[0]) == float(loss2[0])
+  np.testing.assert_allclose(float(loss2[0]), float(loss2[1]), rtol=1e-6)
   for a, b, c in zip(end.params, end2.params, state.params):
     np.testing.assert_array_equal(a[0].numpy(), b[0].numpy())
     # Same θ and batches; batched kernels may round the two copies' products differently.
