@@ -3,7 +3,12 @@
 Each optimizer trains the paper's CNN on one fixed batch of random data (no input pipeline to
 confound the timing) for `steps` steps inside one `tf.while_loop`. The optimizers run alternated
 within one process, `repeats` times each in a rotating order, and the median rate is reported, so
-slow drifts of a shared machine hit every optimizer alike.
+slow drifts of a shared machine hit every optimizer alike. The learned optimizer runs as
+`MLPLOpt(implementation='auto')` ('learned'), or pinned to one implementation of its step
+('learned_xla', 'learned_custom_op'), so that implementations compare within one process.
+
+`core_benchmark` times the learned-optimizer step alone (forward, and forward + backward as in
+outer training) for M trajectories at once, per implementation, alternated the same way.
 """
 
 import platform
@@ -14,6 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from lo_tf.errors import UserError
+from lo_tf.kernels import ops
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.optimizers.hand_designed import Adam
 from lo_tf.optimizers.hand_designed import SGDMomentum
@@ -24,18 +30,31 @@ def _sgd(learning_rate):
   return SGDMomentum(learning_rate, momentum=0.0)
 
 
+# The omniglot outer-training shape: the 14x14x1 5-way CNN's weight tensors (19k weights).
+OMNIGLOT_CNN_SIZES = (288, 32, 9216, 32, 9216, 32, 160, 5)
+
+
+def _implementations():
+  """The learned-optimizer step implementations that run here."""
+  return ('xla', 'custom_op') if ops.available() else ('xla',)
+
+
 def optimizer_families(learned=None):
-  """{name: (family, opt_params)} benchmarked: plain SGD, Adam and a learned optimizer.
+  """{name: (family, opt_params)} benchmarked: plain SGD, Adam and the learned optimizer.
+
+  'learned' is `MLPLOpt` with implementation 'auto'; 'learned_xla' and (where the fused op is
+  available) 'learned_custom_op' pin its step's implementation.
 
   Args:
-    learned: (family, theta) of the learned optimizer; default: `MLPLOpt` at a random θ (the cost
-      of a step does not depend on θ's values).
+    learned: (family, theta) for 'learned'; default: `MLPLOpt` at a random θ (the cost of a step
+      does not depend on θ's values).
   """
-  if learned is None:
-    lopt = MLPLOpt()
-    learned = (lopt.optimizer, lopt.init_theta(tf.constant([0, 0])))
-  return {'sgd': (_sgd, tf.constant(1e-3)), 'adam': (Adam, tf.constant(1e-3)),
-          'learned': learned}
+  theta = MLPLOpt().init_theta(tf.constant([0, 0]))
+  families = {'sgd': (_sgd, tf.constant(1e-3)), 'adam': (Adam, tf.constant(1e-3)),
+              'learned': learned or (MLPLOpt().optimizer, theta)}
+  for impl in _implementations():
+    families[f'learned_{impl}'] = (MLPLOpt(implementation=impl).optimizer, theta)
+  return families
 
 
 def make_train_loop(problem, family, batch_size, steps):
@@ -74,8 +93,10 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
     names: optimizers to run, from `optimizer_families()`.
 
   Returns:
-    {"device", "batch_size", "image_size", "steps", "results": {name: {"batches_per_sec_median",
-    "runs"}}, "ratios": {"a/b": ...}}; "runs" lists every run's batches/s in order.
+    {"device", "machine", "batch_size", "image_size", "steps", "learned_implementation" (what
+    'learned' runs: `MLPLOpt().implementation`), "kernel" (`lo_tf.kernels.ops.describe()`),
+    "results": {name: {"batches_per_sec_median", "runs"}}, "ratios": {"a/b": ...}}; "runs" lists
+    every run's batches/s in order; ratios are adam/sgd and each learned optimizer over adam and sgd.
 
   Raises:
     UserError: for non-positive sizes, an unknown device or optimizer, or no GPU for 'gpu'.
@@ -91,6 +112,8 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
     raise UserError('device=gpu but TensorFlow sees no GPU; install tensorflow[and-cuda] on a '
                     'GPU machine or use --device=cpu')
   families = optimizer_families()
+  if 'learned_custom_op' in names and 'learned_custom_op' not in families:
+    raise UserError(f'learned_custom_op cannot run: {ops.load_error()}')
   unknown = set(names) - set(families)
   if unknown:
     raise UserError(f'unknown optimizers {sorted(unknown)}; choose from {sorted(families)}')
@@ -114,15 +137,92 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
   results = {n: {'batches_per_sec_median': float(np.median(v)), 'runs': v}
              for n, v in runs.items()}
   med = {n: v['batches_per_sec_median'] for n, v in results.items()}
-  ratios = {f'{a}/{b}': med[a] / med[b] for a, b in
-            (('adam', 'sgd'), ('learned', 'adam'), ('learned', 'sgd')) if a in med and b in med}
+  pairs = [('adam', 'sgd')] + [(n, b) for n in med if n.startswith('learned') for b in
+                                ('adam', 'sgd')]
+  ratios = {f'{a}/{b}': med[a] / med[b] for a, b in pairs if a in med and b in med}
   return {'device': device, 'machine': platform.processor() or platform.machine(),
           'batch_size': batch_size, 'image_size': list(image_size), 'steps': steps,
+          'learned_implementation': MLPLOpt().implementation, 'kernel': ops.describe(),
           'results': results, 'ratios': ratios}
 
 
-def run_benchmark_cli(batch_size, image_size, steps, repeats, device, names, json_out):
-  """`bin/speed_benchmark`: validates flag values, runs `benchmark`, prints a table, writes JSON.
+def core_benchmark(sizes=OMNIGLOT_CNN_SIZES, trajectories=32, repeats=7, device='cpu'):
+  """Milliseconds of one learned-optimizer step (`MLPLOpt.core`) per implementation.
+
+  Each implementation runs the step for M = `trajectories` trajectories of `sum(sizes)` weights
+  (paper-default `MLPLOpt`, random inputs), forward only and forward + backward (gradients for
+  θ, g, w, m, v as in outer training), each inside one `tf.function`; all run alternated in one
+  process, `repeats` times, and the medians are reported.
+
+  Args:
+    sizes: element counts of the weight tensors.
+    trajectories: M.
+    repeats: timed runs per implementation and mode.
+    device: 'cpu' or 'gpu'.
+
+  Returns:
+    {"device", "sizes", "trajectories", "kernel", "results": {"xla"|"custom_op": {"forward_ms",
+    "forward_backward_ms", "runs": {"forward", "forward_backward"}}}, "speedups": {"forward",
+    "forward_backward"} (xla time / custom_op time, where the op is available)}.
+
+  Raises:
+    UserError: for empty or non-positive sizes, or non-positive trajectories or repeats.
+  """
+  if not sizes or min(sizes) < 1 or trajectories < 1 or repeats < 1:
+    raise UserError(f'core benchmark: sizes={list(sizes)}, trajectories={trajectories}, '
+                    f'repeats={repeats} must be positive')
+  sizes = tuple(int(s) for s in sizes)
+  n, m = sum(sizes), trajectories
+  lopts = {impl: MLPLOpt(implementation=impl) for impl in _implementations()}
+  lopt = lopts['xla']
+  with tf.device('/GPU:0' if device == 'gpu' else '/CPU:0'):
+    normal = lambda shape, i: tf.random.stateless_normal(shape, [7, i])
+    depth = lopt.depth
+    inputs = (tf.stack([lopt.init_theta(tf.constant([0, i])) for i in range(m)]),
+              1e-2 * normal([m, n], 1), normal([m, n], 2), tf.fill([m], 10.0),
+              1e-2 * normal([m, n, depth], 3), 1e-4 * tf.abs(normal([m, n, depth], 4)))
+    fns = {}
+    for impl, lo in lopts.items():
+      def forward(*args, lo=lo):
+        return lo.core(*args, sizes)
+
+      def forward_backward(*args, lo=lo):
+        with tf.GradientTape() as tape:
+          tape.watch(args)
+          new_w, new_m, new_v = lo.core(*args, sizes)
+          loss = tf.reduce_sum(new_w * args[2]) + tf.reduce_sum(new_m) + tf.reduce_sum(new_v)
+        return tape.gradient(loss, [args[i] for i in (0, 1, 2, 4, 5)])
+
+      fns[(impl, 'forward')] = tf.function(forward)
+      fns[(impl, 'forward_backward')] = tf.function(forward_backward)
+    run = lambda key: [x.numpy() for x in tf.nest.flatten(fns[key](*inputs))]
+    for key in fns:  # trace and warm up outside the timed runs
+      run(key)
+    runs = {key: [] for key in fns}
+    order = list(fns)
+    for _ in range(repeats):
+      for key in order:
+        start = time.perf_counter()
+        run(key)
+        runs[key].append(1e3 * (time.perf_counter() - start))
+      order = order[1:] + order[:1]
+  results = {impl: {f'{mode}_ms': float(np.median(runs[(impl, mode)])) for mode in
+                    ('forward', 'forward_backward')} for impl in lopts}
+  for impl in lopts:
+    results[impl]['runs'] = {mode: runs[(impl, mode)] for mode in ('forward', 'forward_backward')}
+  speedups = {}
+  if 'custom_op' in results:
+    speedups = {mode: results['xla'][f'{mode}_ms'] / results['custom_op'][f'{mode}_ms']
+                for mode in ('forward', 'forward_backward')}
+  return {'device': device, 'sizes': list(sizes), 'trajectories': m, 'kernel': ops.describe(),
+          'results': results, 'speedups': speedups}
+
+
+def run_benchmark_cli(batch_size, image_size, steps, repeats, device, names, json_out,
+                      core_trajectories=0, core_sizes=()):
+  """`bin/speed_benchmark`: validates flag values, runs `benchmark` (and `core_benchmark` when
+  core_trajectories > 0, under the JSON key "core"; core_sizes empty: OMNIGLOT_CNN_SIZES),
+  prints tables, writes JSON.
 
   Raises:
     UserError: for malformed sizes or an unwritable --json_out.
@@ -133,20 +233,37 @@ def run_benchmark_cli(batch_size, image_size, steps, repeats, device, names, jso
     shape = tuple(int(v) for v in image_size)
   except ValueError:
     raise UserError(f'--image_size={",".join(image_size)} must be three integers H,W,C') from None
+  try:
+    core_shape = tuple(int(v) for v in core_sizes) or OMNIGLOT_CNN_SIZES
+  except ValueError:
+    raise UserError(f'--core_sizes={",".join(core_sizes)} must be integers') from None
   if not names:
     raise UserError('--optimizers is empty; name some of sgd, adam, learned')
+  if core_trajectories < 0:
+    raise UserError(f'--core_trajectories={core_trajectories} must be >= 0 (0: no core benchmark)')
   if json_out:
     if os.path.isdir(json_out):
       raise UserError(f'--json_out={json_out} is a directory; give a file path')
     io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(json_out)))
   result = benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
                      device=device, names=tuple(names))
-  print(f'{"optimizer":<10} {"batches/s (median)":>19}  runs')
+  print(f'learned optimizer step: {result["kernel"]}')
+  print(f'{"optimizer":<17} {"batches/s (median)":>19}  runs')
   for name, r in result['results'].items():
     runs = ' '.join(f'{v:.1f}' for v in r['runs'])
-    print(f'{name:<10} {r["batches_per_sec_median"]:>19.1f}  {runs}')
+    print(f'{name:<17} {r["batches_per_sec_median"]:>19.1f}  {runs}')
   for name, ratio in result['ratios'].items():
     print(f'ratio {name}: {ratio:.3f}')
+  if core_trajectories:
+    core = core_benchmark(sizes=core_shape, trajectories=core_trajectories, repeats=repeats,
+                          device=device)
+    result['core'] = core
+    print(f'step of M={core_trajectories} x N={sum(core_shape)}: {"":<5} forward ms  '
+          'forward+backward ms')
+    for impl, r in core['results'].items():
+      print(f'{impl:<31} {r["forward_ms"]:>10.2f}  {r["forward_backward_ms"]:>19.2f}')
+    for mode, speedup in core['speedups'].items():
+      print(f'speedup custom_op over xla, {mode}: {speedup:.2f}')
   if json_out:
     io_utils.atomic_write_json(json_out, result)
     print(f'wrote {json_out}')
