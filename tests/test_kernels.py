@@ -130,8 +130,9 @@ def test_cpu_instruction_set_variants_agree():
 
 
 @requires_op
-def test_results_do_not_depend_on_the_thread_count():
-  """Work units and their reduction order are fixed by the sizes: bitwise equal results."""
+def test_results_are_bitwise_deterministic():
+  """Work units and their reduction order are fixed by the sizes alone, so runs that the thread
+  pool shards differently (eager, and in a tf.function) give bitwise equal results."""
   lopt = MLPLOpt(lambda_exp=0.3, lambda_lin=0.05, implementation='custom_op')
   sizes = (5000, 3000)
   inputs = _inputs(lopt, 2, sizes, seed=1)
@@ -209,6 +210,17 @@ def test_antithetic_sample_agrees_with_the_xla_path():
     a, b = samples['custom_op'][key].numpy(), samples['xla'][key].numpy()
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(b).max()),
                                err_msg=key)
+
+
+@requires_op
+def test_xla_compiled_functions_run_the_reference_core():
+  """The op has no XLA kernel: under jit_compile the step is the reference core, fused by XLA."""
+  lopt = MLPLOpt(lambda_exp=0.3, lambda_lin=0.05, implementation='custom_op')
+  sizes = (6, 2)
+  inputs = _inputs(lopt, 2, sizes, seed=3)
+  compiled = tf.function(lambda *args: lopt.core(*args, sizes), jit_compile=True)
+  for a, b in zip(compiled(*inputs), lopt.core(*inputs, sizes)):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 @requires_op

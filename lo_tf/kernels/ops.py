@@ -17,6 +17,8 @@ import os
 import numpy as np
 import tensorflow as tf
 from absl import logging
+# No public API tells whether a graph is being built for XLA (the op has no XLA kernel).
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
 from lo_tf.errors import UserError
 
@@ -180,12 +182,16 @@ def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto'):
       'avx512' (an error where the CPU lacks it); for tests and benchmarks.
 
   Returns:
-    (new w [M, N], new m, new v), float32.
+    (new w [M, N], new m, new v), float32. Inside a function being compiled by XLA
+    (`tf.function(jit_compile=True)`, e.g. `TruncatedStep(jit_compile=True)`), where the op cannot
+    run, `lopt.reference_core` computes them instead and XLA fuses it.
 
   Raises:
     UserError: when the op is not available, for non-float32 inputs, or for hyperparameters the op
       does not support (more than MAX_DECAYS decays or MAX_TIME_SCALES time scales).
   """
+  if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+    return lopt.reference_core(theta, g, w, t, m, v, tuple(sizes))
   module = _load()['module']
   if module is None:
     raise UserError(f'the fused learned-optimizer op is unavailable: {load_error()}')
