@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -322,3 +324,20 @@ def test_build_without_a_working_compiler_records_why(monkeypatch, tmp_path, com
   with open(path) as f:
     assert json.load(f) == info
   assert sorted(os.listdir(tmp_path)) == ['build_info.json']
+
+
+def test_cuda_kernels_agree_with_the_cpu_kernels_on_emulated_threads(tmp_path):
+  """mlp_lopt_cuda.cu's kernels, compiled as C++ on CPU threads (no GPU needed), against the CPU
+  units on every configuration of lo_tf/kernels/mlp_lopt_cuda_test.cc."""
+  cxx = os.environ.get('CXX', 'c++')
+  if not shutil.which(cxx):
+    pytest.skip(f'no C++ compiler ({cxx}) to build the CUDA emulation')
+  kernels = os.path.join(REPO, 'lo_tf', 'kernels')
+  exe = str(tmp_path / 'mlp_lopt_cuda_test')
+  subprocess.run([cxx, '-std=c++17', '-O1', '-pthread', '-DLO_TF_ISA=generic',
+                  os.path.join(kernels, 'mlp_lopt_cpu.cc'),
+                  os.path.join(kernels, 'mlp_lopt_cuda_test.cc'), '-o', exe], check=True)
+  result = subprocess.run([exe], stdout=subprocess.PIPE, text=True, timeout=600, check=False)
+  lines = result.stdout.splitlines()
+  assert result.returncode == 0 and len(lines) == 9, result.stdout
+  assert all(': agree' in line for line in lines), result.stdout

@@ -13,7 +13,10 @@
 #ifndef LO_TF_KERNELS_MLP_LOPT_H_
 #define LO_TF_KERNELS_MLP_LOPT_H_
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #ifdef __CUDACC__
 #define LO_TF_HOST_DEVICE __host__ __device__
@@ -109,6 +112,74 @@ namespace generic { const CpuUnits& Units(); }
 namespace avx2 { const CpuUnits& Units(); }
 namespace avx512 { const CpuUnits& Units(); }
 #endif
+
+// MLPLOpt's hyperparameters, as the ops' attributes carry them.
+struct Hyperparameters {
+  int64_t hidden_size = 0;
+  std::vector<float> decays, time_scales;
+  bool use_momentum = true, use_rms = true, use_time = true;
+  float lambda_exp = 0, lambda_lin = 0, rms_epsilon = 0, norm_epsilon = 0, max_log_step = 0;
+};
+
+// Fills the Config (all but the number of trajectories) and the work units of a step over weight
+// tensors of `sizes` elements; returns what is wrong with the arguments, or "".
+inline std::string Plan(const Hyperparameters& hp, const std::vector<int64_t>& sizes, Config* c,
+                        std::vector<Chunk>* chunks) {
+  if (hp.decays.size() > kMaxDecays) return "at most " + std::to_string(kMaxDecays) + " decays";
+  if (hp.time_scales.size() > kMaxTimeScales)
+    return "at most " + std::to_string(kMaxTimeScales) + " time scales";
+  if (hp.hidden_size < 1) return "hidden_size must be positive";
+  *c = Config();
+  c->use_momentum = hp.use_momentum;
+  c->use_rms = hp.use_rms;
+  c->num_decays = static_cast<int>(hp.decays.size());
+  std::copy(hp.decays.begin(), hp.decays.end(), c->decays);
+  c->num_time_scales = hp.use_time ? static_cast<int>(hp.time_scales.size()) : 0;
+  std::copy(hp.time_scales.begin(), hp.time_scales.begin() + c->num_time_scales, c->time_scales);
+  c->depth_m = hp.use_momentum ? c->num_decays : 0;
+  c->depth_v = hp.use_rms ? c->num_decays : 0;
+  c->num_weight_features =
+      2 + c->num_decays * (hp.use_momentum + 2 * hp.use_rms + (hp.use_momentum && hp.use_rms));
+  c->hidden = static_cast<int>(hp.hidden_size);
+  c->num_features = c->num_weight_features + c->num_time_scales;
+  c->num_params = int64_t{c->num_features} * c->hidden + 3 * int64_t{c->hidden} + 2;
+  c->lambda_exp = hp.lambda_exp;
+  c->lambda_lin = hp.lambda_lin;
+  c->rms_epsilon = hp.rms_epsilon;
+  c->norm_epsilon = hp.norm_epsilon;
+  c->max_log_step = hp.max_log_step;
+  chunks->clear();
+  for (size_t s = 0; s < sizes.size(); ++s) {
+    if (sizes[s] < 1) return "sizes must be positive";
+    for (int64_t start = 0; start < sizes[s]; start += kChunk)
+      chunks->push_back({c->n + start, static_cast<int32_t>(std::min<int64_t>(kChunk, sizes[s] - start)),
+                         static_cast<int32_t>(s)});
+    c->n += sizes[s];
+  }
+  return "";
+}
+
+// Runs the passes of a step (or of its gradient when `backward`) with the CPU units `u`;
+// parallel_for(total, cost_per_unit, fn) calls fn(begin, end) over ranges covering [0, total).
+template <typename ParallelFor>
+void RunCpuPasses(const CpuUnits& u, const Problem& p, bool backward, ParallelFor parallel_for) {
+  const Config& c = *p.cfg;
+  const int64_t units = c.m * p.num_chunks;
+  // Rough cycles per unit, for the thread pool's sharding.
+  const int64_t features = int64_t{kChunk} * 8 * c.num_weight_features;
+  const int64_t mlp = int64_t{kChunk} * 2 * c.hidden * (c.num_weight_features + 2) + features;
+  const int64_t finish = p.num_chunks * (c.num_weight_features + c.hidden * 4);
+  parallel_for(units, features, [&](int64_t b, int64_t e) { u.stats_units(p, b, e); });
+  parallel_for(c.m, finish, [&](int64_t b, int64_t e) { u.finish_stats_trajectories(p, b, e); });
+  if (!backward) {
+    parallel_for(units, mlp, [&](int64_t b, int64_t e) { u.step_units(p, b, e); });
+    return;
+  }
+  parallel_for(units, 3 * mlp, [&](int64_t b, int64_t e) { u.backward_units(p, b, e); });
+  parallel_for(c.m, finish * c.num_weight_features * c.hidden,
+               [&](int64_t b, int64_t e) { u.finish_backward_trajectories(p, b, e); });
+  parallel_for(units, 2 * features, [&](int64_t b, int64_t e) { u.correction_units(p, b, e); });
+}
 
 // The CUDA kernels (mlp_lopt_cuda.cu); `stream` is a cudaStream_t. The device buffers of `p` are as
 // above, plus `chunks` and `segment_sizes` in device memory. Return a CUDA error string or nullptr.

@@ -6,8 +6,18 @@
 // blockDim.x elements. A thread keeps its element's features in a column of shared memory (row
 // stride blockDim.x + 1, so that columns and rows are read without bank conflicts); sums over a unit
 // are taken in a fixed order by the thread owning each sum, so results are deterministic.
+//
+// With LO_TF_CUDA_EMULATION defined this file compiles as plain C++ whose kernels run on CPU threads
+// (cuda_emulation.h), so that mlp_lopt_cuda_test.cc can check them where no GPU is.
 
+#ifdef LO_TF_CUDA_EMULATION
+#include "cuda_emulation.h"
+#else
 #include <cuda_runtime.h>
+#define LO_TF_LAUNCH(kernel, blocks, threads, bytes, stream) \
+  kernel<<<blocks, threads, bytes, stream>>>
+#define LO_TF_SHARED_FLOATS(name) extern __shared__ float name[]
+#endif
 
 #include <algorithm>
 
@@ -100,7 +110,7 @@ __device__ void Chain(const Config& c, const Rows& rows, const Problem& p, int64
 }
 
 __global__ void StatsKernel(Config c, Problem p, bool write_state) {
-  extern __shared__ float smem[];
+  LO_TF_SHARED_FLOATS(smem);
   const int t = threadIdx.x, s = blockDim.x + 1, nw = c.num_weight_features;
   const int64_t u = blockIdx.x, i = u / p.num_chunks;
   const Chunk chunk = p.chunks[u % p.num_chunks];
@@ -142,7 +152,7 @@ __global__ void FinishStatsKernel(Config c, Problem p) {
 }
 
 __global__ void StepKernel(Config c, Problem p) {
-  extern __shared__ float smem[];
+  LO_TF_SHARED_FLOATS(smem);
   const int t = threadIdx.x, s = blockDim.x + 1;
   const int64_t u = blockIdx.x, i = u / p.num_chunks;
   const Chunk chunk = p.chunks[u % p.num_chunks];
@@ -175,7 +185,7 @@ __host__ __device__ int64_t BackwardRows(const Config& c) {
 // Backward through the MLP and the normalization's direct path, and the unit's partial sums (layout
 // of CpuUnits::backward_units: dW1 weight rows, Σdz, dW2, db2, A).
 __global__ void BackwardKernel(Config c, Problem p) {
-  extern __shared__ float smem[];
+  LO_TF_SHARED_FLOATS(smem);
   const int t = threadIdx.x, s = blockDim.x + 1, nw = c.num_weight_features, hs = c.hidden;
   const int64_t u = blockIdx.x, i = u / p.num_chunks;
   const Chunk chunk = p.chunks[u % p.num_chunks];
@@ -292,7 +302,7 @@ __global__ void FinishBackwardKernel(Config c, Problem p) {
 }
 
 __global__ void CorrectionKernel(Config c, Problem p) {
-  extern __shared__ float smem[];
+  LO_TF_SHARED_FLOATS(smem);
   const int t = threadIdx.x, s = blockDim.x + 1, nw = c.num_weight_features;
   const int64_t u = blockIdx.x, i = u / p.num_chunks;
   const Chunk chunk = p.chunks[u % p.num_chunks];
@@ -341,9 +351,9 @@ const char* CudaForward(void* stream, const Problem& p) {
   size_t bytes;
   const int threads = ThreadsFor(c.num_weight_features, false, &bytes);
   if (!threads) return "the features do not fit in shared memory";
-  StatsKernel<<<units, threads, bytes, st>>>(c, p, true);
-  FinishStatsKernel<<<c.m, kSmallBlockThreads, 0, st>>>(c, p);
-  StepKernel<<<units, threads, bytes, st>>>(c, p);
+  LO_TF_LAUNCH(StatsKernel, units, threads, bytes, st)(c, p, true);
+  LO_TF_LAUNCH(FinishStatsKernel, c.m, kSmallBlockThreads, 0, st)(c, p);
+  LO_TF_LAUNCH(StepKernel, units, threads, bytes, st)(c, p);
   return Check();
 }
 
@@ -362,11 +372,11 @@ const char* CudaBackward(void* stream, const Problem& p) {
       cudaFuncSetAttribute(BackwardKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(backward_bytes)) != cudaSuccess)
     return Check();
-  StatsKernel<<<units, stats_threads, stats_bytes, st>>>(c, p, false);
-  FinishStatsKernel<<<c.m, kSmallBlockThreads, 0, st>>>(c, p);
-  BackwardKernel<<<units, backward_threads, backward_bytes, st>>>(c, p);
-  FinishBackwardKernel<<<c.m, kSmallBlockThreads, 0, st>>>(c, p);
-  CorrectionKernel<<<units, correction_threads, correction_bytes, st>>>(c, p);
+  LO_TF_LAUNCH(StatsKernel, units, stats_threads, stats_bytes, st)(c, p, false);
+  LO_TF_LAUNCH(FinishStatsKernel, c.m, kSmallBlockThreads, 0, st)(c, p);
+  LO_TF_LAUNCH(BackwardKernel, units, backward_threads, backward_bytes, st)(c, p);
+  LO_TF_LAUNCH(FinishBackwardKernel, c.m, kSmallBlockThreads, 0, st)(c, p);
+  LO_TF_LAUNCH(CorrectionKernel, units, correction_threads, correction_bytes, st)(c, p);
   return Check();
 }
 

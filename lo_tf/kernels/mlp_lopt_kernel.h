@@ -23,47 +23,21 @@ class MlpLoptKernelBase : public tf::OpKernel {
   // `backward`: the kernel computes MlpLoptStepGrad (9 inputs, 5 outputs) instead of MlpLoptStep.
   MlpLoptKernelBase(tf::OpKernelConstruction* ctx, bool backward)
       : tf::OpKernel(ctx), backward_(backward) {
-    std::vector<int64_t> sizes;
-    std::vector<float> decays, time_scales;
-    int64_t hidden;
-    bool use_time;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("sizes", &sizes));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("decays", &decays));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("time_scales", &time_scales));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("hidden_size", &hidden));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &config_.use_momentum));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_rms", &config_.use_rms));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_time", &use_time));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("lambda_exp", &config_.lambda_exp));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("lambda_lin", &config_.lambda_lin));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("rms_epsilon", &config_.rms_epsilon));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("norm_epsilon", &config_.norm_epsilon));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_log_step", &config_.max_log_step));
-    OP_REQUIRES(ctx, decays.size() <= kMaxDecays,
-                tf::errors::InvalidArgument("at most ", kMaxDecays, " decays"));
-    OP_REQUIRES(ctx, time_scales.size() <= kMaxTimeScales,
-                tf::errors::InvalidArgument("at most ", kMaxTimeScales, " time scales"));
-    Config& c = config_;
-    c.num_decays = static_cast<int>(decays.size());
-    std::copy(decays.begin(), decays.end(), c.decays);
-    c.num_time_scales = use_time ? static_cast<int>(time_scales.size()) : 0;
-    std::copy(time_scales.begin(), time_scales.begin() + c.num_time_scales, c.time_scales);
-    c.depth_m = c.use_momentum ? c.num_decays : 0;
-    c.depth_v = c.use_rms ? c.num_decays : 0;
-    c.num_weight_features =
-        2 + c.num_decays * (c.use_momentum + 2 * c.use_rms + (c.use_momentum && c.use_rms));
-    c.hidden = static_cast<int>(hidden);
-    c.num_features = c.num_weight_features + c.num_time_scales;
-    c.num_params = int64_t{c.num_features} * c.hidden + 3 * int64_t{c.hidden} + 2;
-    for (const int64_t size : sizes) {
-      OP_REQUIRES(ctx, size > 0, tf::errors::InvalidArgument("sizes must be positive"));
-      const int32_t segment = static_cast<int32_t>(segment_sizes_.size());
-      for (int64_t start = 0; start < size; start += kChunk)
-        chunks_.push_back({c.n + start, static_cast<int32_t>(std::min<int64_t>(kChunk, size - start)),
-                           segment});
-      segment_sizes_.push_back(size);
-      c.n += size;
-    }
+    Hyperparameters hp;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sizes", &segment_sizes_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("decays", &hp.decays));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("time_scales", &hp.time_scales));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("hidden_size", &hp.hidden_size));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_momentum", &hp.use_momentum));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_rms", &hp.use_rms));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("use_time", &hp.use_time));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("lambda_exp", &hp.lambda_exp));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("lambda_lin", &hp.lambda_lin));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("rms_epsilon", &hp.rms_epsilon));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("norm_epsilon", &hp.norm_epsilon));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_log_step", &hp.max_log_step));
+    const std::string error = Plan(hp, segment_sizes_, &config_, &chunks_);
+    OP_REQUIRES(ctx, error.empty(), tf::errors::InvalidArgument(error));
   }
 
   void Compute(tf::OpKernelContext* ctx) override {

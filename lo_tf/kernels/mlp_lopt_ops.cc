@@ -114,27 +114,10 @@ class MlpLoptCpuKernel : public MlpLoptKernelBase {
   void Run(tf::OpKernelContext* ctx, Problem* p) override {
     p->chunks = chunks_.data();
     p->segment_sizes = segment_sizes_.data();
-    const Config& c = *p->cfg;
-    const int64_t units = c.m * p->num_chunks;
-    // Rough cycles per unit, for the thread pool's sharding.
-    const int64_t features = int64_t{kChunk} * 8 * c.num_weight_features;
-    const int64_t mlp = int64_t{kChunk} * 2 * c.hidden * (c.num_weight_features + 2) + features;
-    const int64_t finish = p->num_chunks * (c.num_weight_features + c.hidden * 4);
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    const Problem& q = *p;
-    const CpuUnits& u = *units_;
-    pool->ParallelFor(units, features, [&](int64_t b, int64_t e) { u.stats_units(q, b, e); });
-    pool->ParallelFor(c.m, finish,
-                      [&](int64_t b, int64_t e) { u.finish_stats_trajectories(q, b, e); });
-    if (!kBackward) {
-      pool->ParallelFor(units, mlp, [&](int64_t b, int64_t e) { u.step_units(q, b, e); });
-      return;
-    }
-    pool->ParallelFor(units, 3 * mlp, [&](int64_t b, int64_t e) { u.backward_units(q, b, e); });
-    pool->ParallelFor(c.m, finish * c.num_weight_features * c.hidden,
-                      [&](int64_t b, int64_t e) { u.finish_backward_trajectories(q, b, e); });
-    pool->ParallelFor(units, 2 * features,
-                      [&](int64_t b, int64_t e) { u.correction_units(q, b, e); });
+    RunCpuPasses(*units_, *p, kBackward, [pool](int64_t total, int64_t cost, auto fn) {
+      pool->ParallelFor(total, cost, fn);
+    });
   }
 
  private:
