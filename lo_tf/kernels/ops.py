@@ -166,6 +166,7 @@ def _attrs(lopt, sizes, cpu_isa_name):
               max_log_step=MAX_LOG_STEP, cpu_isa=cpu_isa_name)
 
 
+# The attributes `_attrs` sets, which the gradient op shares with the op (mlp_lopt_ops.cc).
 _ATTR_NAMES = ('sizes', 'hidden_size', 'decays', 'time_scales', 'lambda_exp', 'lambda_lin',
                'rms_epsilon', 'norm_epsilon', 'use_momentum', 'use_rms', 'use_time', 'max_log_step',
                'cpu_isa')
@@ -197,11 +198,10 @@ def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto'):
     raise UserError(f'the fused learned-optimizer op is unavailable: {load_error()}')
   attrs = _attrs(lopt, sizes, cpu_isa)
   inputs = [tf.convert_to_tensor(x) for x in (theta, g, w, t, m, v)]
-  bad = [name for name, x in zip('theta g w t m v'.split(), inputs) if x.dtype != tf.float32]
-  if bad:
-    raise UserError(f'the fused learned-optimizer op computes float32 only, got {bad[0]} of '
-                    f"{inputs['theta g w t m v'.split().index(bad[0])].dtype.name}; use "
-                    "implementation='reference'")
+  for name, x in zip(('theta', 'g', 'w', 't', 'm', 'v'), inputs):
+    if x.dtype != tf.float32:
+      raise UserError(f'the fused learned-optimizer op computes float32 only, got {name} of '
+                      f"{x.dtype.name}; use implementation='reference'")
   return tuple(module.mlp_lopt_step(*inputs, **attrs))
 
 
