@@ -5,7 +5,6 @@
 #ifndef LO_TF_KERNELS_MLP_LOPT_KERNEL_H_
 #define LO_TF_KERNELS_MLP_LOPT_KERNEL_H_
 
-#include <algorithm>
 #include <string>
 #include <vector>
 
