@@ -56,8 +56,9 @@ typedef int32_t Mask __attribute__((vector_size(kVecBytes)));
 Vec Select(Mask mask, Vec v) { return reinterpret_cast<Vec>(reinterpret_cast<Mask>(v) & mask); }
 Vec Relu(Vec z) { return Select(z > Splat(0.0f), z); }
 
-// 1/sqrt(x) for x > 0 as TensorFlow computes rsqrt on x86 (Eigen): the instruction set's estimate
-// refined by one Newton step, relative error ~1e-7, several times cheaper than sqrt and divide.
+// 1/sqrt(x) for x > 0 as TensorFlow's CPU rsqrt computes it on x86 (Eigen's prsqrt): the
+// instruction set's estimate refined by one Newton step (relative error ~1e-7), cheaper than a
+// sqrt and a divide.
 Vec InvSqrt(Vec x) {
 #if defined(__AVX512F__)
   const Vec y = _mm512_rsqrt14_ps(x);
