@@ -1,4 +1,4 @@
-"""`bin/speed_benchmark --outer`: outer-training throughput vs plain Adam (paper App. B, App. F)."""
+"""`bin/speed_benchmark`: inner-step speed (paper App. F) and outer-training throughput (App. B)."""
 
 import json
 import os
@@ -6,6 +6,7 @@ import os
 import gin
 
 from lo_tf import io_utils
+from lo_tf import speed
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import common
@@ -13,24 +14,80 @@ from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers.benchmark import outer_benchmark
 
 
+def _check_json_out(json_out):
+  if json_out:
+    if os.path.isdir(json_out):
+      raise UserError(f'--json_out={json_out} is a directory; give a file path')
+    io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(json_out)))
+
+
+def _write(json_out, result):
+  if json_out:
+    io_utils.atomic_write_json(json_out, result)
+    print(f'wrote {json_out}')
+
+
+def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, names, json_out,
+                               core_trajectories=0, core_sizes=()):
+  """Validates flag values, runs `speed.benchmark` (and `speed.core_benchmark` when
+  core_trajectories > 0, under the JSON key "core"; core_sizes empty: the Omniglot CNN's sizes),
+  prints tables, writes JSON.
+
+  Raises:
+    UserError: for malformed sizes or an unwritable --json_out.
+  """
+  try:
+    shape = tuple(int(v) for v in image_size)
+  except ValueError:
+    raise UserError(f'--image_size={",".join(image_size)} must be three integers H,W,C') from None
+  try:
+    core_shape = tuple(int(v) for v in core_sizes) or speed.OMNIGLOT_CNN_SIZES
+  except ValueError:
+    raise UserError(f'--core_sizes={",".join(core_sizes)} must be integers') from None
+  if not names:
+    raise UserError('--optimizers is empty; name some of sgd, adam, learned')
+  if core_trajectories < 0:
+    raise UserError(f'--core_trajectories={core_trajectories} must be >= 0 (0: no core benchmark)')
+  _check_json_out(json_out)
+  result = speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
+                           device=device, names=tuple(names))
+  print(f'learned optimizer step: {result["kernel"]}')
+  print(f'{"optimizer":<17} {"batches/s (median)":>19}  runs')
+  for name, r in result['results'].items():
+    runs = ' '.join(f'{v:.1f}' for v in r['runs'])
+    print(f'{name:<17} {r["batches_per_sec_median"]:>19.1f}  {runs}')
+  for name, ratio in result['ratios'].items():
+    print(f'ratio {name}: {ratio:.3f} (of CPU time: {result["cpu_ratios"][name]:.3f})')
+  if core_trajectories:
+    core = speed.core_benchmark(sizes=core_shape, trajectories=core_trajectories, repeats=repeats,
+                                device=device)
+    result['core'] = core
+    print(f'step of M={core_trajectories} x N={sum(core_shape)}: {"":<5} forward ms  '
+          'forward+backward ms')
+    for impl, r in core['results'].items():
+      print(f'{impl:<31} {r["forward_ms"]:>10.2f}  {r["forward_backward_ms"]:>19.2f}')
+    for mode, speedup in core['speedups'].items():
+      print(f'speedup custom_op over xla, {mode}: {speedup:.2f}')
+  _write(json_out, result)
+  return result
+
+
 def outer_benchmark_from_flags(gin_files, gin_bindings, num_samples, unroll_length, repeats,
                                json_out):
   """Parses gin, times the estimator at S = num_samples, k = unroll_length, prints, writes JSON.
 
   Raises:
-    UserError: for bad gin configuration or an unwritable --json_out.
+    UserError: for no or bad gin configuration or an unwritable --json_out.
   """
-  if json_out:
-    if os.path.isdir(json_out):
-      raise UserError(f'--json_out={json_out} is a directory; give a file path')
-    io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(json_out)))
+  if not gin_files:
+    raise UserError('--outer needs --gin_file (the experiment to time), '
+                    'e.g. --gin_file=gin/omniglot.gin')
+  _check_json_out(json_out)
   common.parse_gin(gin_files, gin_bindings)
   experiment = common.build(build_experiment)
   family = common.build(MLPLOpt)
   result = {'outer': outer_benchmark(experiment, family, num_samples, unroll_length, repeats),
             'config': gin.config_str()}
   print(json.dumps(result['outer'], indent=2))
-  if json_out:
-    io_utils.atomic_write_json(json_out, result)
-    print(f'wrote {json_out}')
+  _write(json_out, result)
   return result

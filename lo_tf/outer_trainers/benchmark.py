@@ -58,8 +58,10 @@ def outer_benchmark(experiment, family, num_workers, unroll_length, repeats=5):
 
   Returns:
     {"num_samples", "unroll_length", "unrolled_steps_per_sec", "samples_per_sec",
-    "adam_steps_per_sec", "unrolled_over_adam", "peak_rss_mb", "estimate_seconds" (every run),
-    "adam_seconds", "first_call_seconds"} — peak_rss_mb is the process's peak resident memory.
+    "adam_steps_per_sec", "unrolled_over_adam", "unrolled_over_adam_cpu" (the same ratio per
+    second of this process's CPU time), "peak_rss_mb", "estimate_seconds" (every run),
+    "adam_seconds", "first_call_seconds", "implementation"} — peak_rss_mb is the process's peak
+    resident memory (MiB).
   """
   check_int('outer_benchmark', 'num_workers', num_workers)
   check_int('outer_benchmark', 'unroll_length', unroll_length)
@@ -80,24 +82,29 @@ def outer_benchmark(experiment, family, num_workers, unroll_length, repeats=5):
   out.g_rp.numpy()
   first = time.perf_counter() - start
   adam(state, tf.constant([0, 0], tf.int64)).numpy()  # trace
-  estimate_seconds, adam_seconds = [], []
+  estimate_seconds, adam_seconds, estimate_cpu, adam_cpu = [], [], [], []
   for r in range(repeats):
     seed = tf.constant([1, r], tf.int64)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out, _ = estimator.estimate(theta, state, outer_step, seed)
     out.g_rp.numpy()
     estimate_seconds.append(time.perf_counter() - start)
-    start = time.perf_counter()
+    estimate_cpu.append(time.process_time() - cpu)
+    start, cpu = time.perf_counter(), time.process_time()
     adam(state, seed).numpy()
     adam_seconds.append(time.perf_counter() - start)
+    adam_cpu.append(time.process_time() - cpu)
     logging.info('repeat %d/%d: estimate %.2fs, adam %.2fs', r + 1, repeats,
                  estimate_seconds[-1], adam_seconds[-1])
   unrolled = 2 * num_workers * unroll_length / float(np.median(estimate_seconds))
   adam_rate = unroll_length / float(np.median(adam_seconds))
+  # Per CPU-second of this process (all threads): robust to other processes on a shared machine.
+  cpu_ratio = (2 * num_workers * float(np.median(adam_cpu)) / float(np.median(estimate_cpu)))
   return {'num_samples': num_workers, 'unroll_length': unroll_length,
           'unrolled_steps_per_sec': unrolled,
           'samples_per_sec': num_workers / float(np.median(estimate_seconds)),
           'adam_steps_per_sec': adam_rate, 'unrolled_over_adam': unrolled / adam_rate,
+          'unrolled_over_adam_cpu': cpu_ratio,
           'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
           'estimate_seconds': estimate_seconds, 'adam_seconds': adam_seconds,
           'first_call_seconds': first,
