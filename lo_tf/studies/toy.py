@@ -92,7 +92,8 @@ class ToyStudy(base.Study):
             'trajectories': {'momenta': [float], 'w': [[float]]},
             'final_loss': {'momenta': [float], 'horizons': [int], 'loss': [[float]],
                            'basin': [[str]]},
-            'global_momentum_range': [{'horizon': int, 'low': float, 'high': float}]}
+            'global_momentum_range': [{'horizon': int, 'low': float, 'high': float}],
+            'summary': dict}
 
   def __init__(self, learning_rate=0.02, trajectory_momenta=(0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
                num_momenta=400, max_momentum=0.99, horizons=(10, 30, 100, 300, 1000)):
@@ -128,7 +129,9 @@ class ToyStudy(base.Study):
                'trajectories': {'momenta': self.trajectory_momenta, 'w': traj.tolist()},
                'final_loss': {'momenta': momenta.tolist(), 'horizons': self.horizons,
                               'loss': loss.tolist(), 'basin': basin},
-               'global_momentum_range': ranges}
+               'global_momentum_range': ranges,
+               'summary': {'learning_rate': self.learning_rate, 'global_minimum': GLOBAL_MINIMUM,
+                           'momenta_ending_in_global_minimum': ranges}}
     return results, {self.name: self._figure(traj, momenta, loss, minima)}
 
   def _figure(self, traj, momenta, loss, minima):
