@@ -1,4 +1,4 @@
-"""The studies of bin/study (lo_tf/studies): Fig. 3 toy, Fig. 4, Fig. 3d,e, Fig. 5, Figs. 7/15, App. E.
+"""The studies of bin/study (lo_tf/studies): Fig. 3 toy, Fig. 4, Fig. 3d,e, Fig. 5, 7/15, App. E.
 
 Each study runs at a tiny size through `study_from_flags` (bin/study's code path); its JSON is read
 back strictly and checked against the study's schema, and its numbers against closed forms or an
@@ -57,6 +57,33 @@ def _run_study(name, output_dir, bindings=(), **flags):
 
 def _data_root():
   return os.path.dirname(os.path.dirname(require(MNIST_TEST)))
+
+
+# The framework.
+
+def test_schema_check_names_the_first_mismatch():
+  schema = {'a': [float], 'b': {'c': int}}
+  base.check_schema({'a': [1, 2.5, None], 'b': {'c': 3}, 'extra': 'ok'}, schema, 'x')
+  with pytest.raises(RuntimeError, match=r'x\.b: missing key .c.'):
+    base.check_schema({'a': [], 'b': {}}, schema, 'x')
+  with pytest.raises(RuntimeError, match=r'x\.a\[1\]: expected a number'):
+    base.check_schema({'a': [1.0, 'no'], 'b': {'c': 1}}, schema, 'x')
+  with pytest.raises(RuntimeError, match='expected an integer'):
+    base.check_schema({'a': [], 'b': {'c': True}}, schema, 'x')
+
+
+def test_parts_are_reused_by_key_and_a_damaged_one_is_recomputed(tmp_path):
+  parts = base.Parts(str(tmp_path))
+  calls = []
+  compute = lambda: calls.append(1) or {'v': [1.0, float('nan')]}
+  assert parts.get('p', {'k': 1}, compute) == {'v': [1.0, None]}  # JSON: NaN is null
+  assert parts.get('p', {'k': 1}, compute) == {'v': [1.0, None]} and len(calls) == 1
+  parts.get('p', {'k': 2}, compute)
+  assert len(calls) == 2 and (parts.computed, parts.reused) == (2, 1)
+  for path in tmp_path.glob('p-*.json'):
+    path.write_text('{"truncated": ')
+  parts.get('p', {'k': 1}, compute)
+  assert len(calls) == 3
 
 
 # Fig. 3a-c.

@@ -1,4 +1,4 @@
-"""What every study of `bin/study` shares: options, the parts cache, progress, schema-checked output.
+"""What every study of `bin/study` shares: options, cached parts, progress, checked output.
 
 A study (one module per figure of the paper in `lo_tf.studies`) is a gin-configurable class whose
 constructor takes its sizes (defaults sized for 2 CPU cores; gin bindings scale them to the paper's)
@@ -173,14 +173,12 @@ def progress(total, desc):
   return tqdm.tqdm(total=total, desc=desc, file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
 
 
-def load_theta(checkpoint, family_hint=None):
-  """(label, MLPLOpt family, θ float32 [P]) of `--checkpoint`, or θ at initialization without one.
+def load_theta(checkpoint):
+  """(label, learned-optimizer family, θ float32 [P]) of `--checkpoint`, or θ at initialization.
 
   Args:
     checkpoint: a shipped name, train_dir or checkpoint path (`checkpoints.load_learned_optimizer`),
-      or None.
-    family_hint: the family to initialize θ from when `checkpoint` is None (default:
-      gin-configured `MLPLOpt()`).
+      or None: then the gin-configured `MLPLOpt()` and its θ0 of seed (0, 0).
 
   Raises:
     UserError: for a checkpoint that cannot be loaded.
@@ -188,7 +186,7 @@ def load_theta(checkpoint, family_hint=None):
   if checkpoint:
     name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
     return f'{name} ({checkpoint})', family, theta
-  family = family_hint or MLPLOpt()
+  family = MLPLOpt()
   return 'θ at initialization (no --checkpoint)', family, family.init_theta(np.array([0, 0]))
 
 

@@ -1,4 +1,4 @@
-"""Figure 3d,e: slices of L_train(θ) around a learned optimizer's θ for several unroll lengths (§2.3).
+"""Figure 3d,e: slices of L_train(θ) around a learned optimizer's θ, several unroll lengths (§2.3).
 
 For one fixed task and initialization of the configured inner problem (gin/studies/
 fig3_landscape.gin: an MLP), L_k(θ) is the truncation outer loss L_train of k inner steps of the

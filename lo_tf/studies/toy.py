@@ -1,4 +1,4 @@
-"""Figure 3a-c: the toy loss whose outer landscape over the momentum turns near-discontinuous (§2.3).
+"""Figure 3a-c: a toy loss whose outer landscape over the momentum turns near-discontinuous (§2.3).
 
 Inner problem ℓ(w) = (w − 4)(w − 3)w² from w0 = −1.2, trained by SGD+momentum (heavy ball,
 `lo_tf.optimizers.hand_designed.SGDMomentum`) whose momentum is the meta-parameter θ. ℓ as written
