@@ -83,14 +83,13 @@ def run(study, output_dir, options):
   with io_utils.DirectoryLock(output_dir):
     parts = Parts(os.path.join(output_dir, PARTS_DIR))
     results, figures = study.compute(output_dir, options, parts)
-    plots = {}
-    for stem, fig in figures.items():
-      plots[stem] = os.path.join(output_dir, stem + '.png')
-      io_utils.atomic_savefig(fig, plots[stem])
-      plt.close(fig)
+    plots = {stem: os.path.join(output_dir, stem + '.png') for stem in figures}
     results = dict(results, study=study.name, plots=plots,
                    parts={'computed': parts.computed, 'reused': parts.reused})
     check_schema(io_utils.json_safe(results), study.schema, study.name)
+    for stem, fig in figures.items():
+      io_utils.atomic_savefig(fig, plots[stem])
+      plt.close(fig)
     io_utils.atomic_write_json(os.path.join(output_dir, study.name + '.json'), results)
   return results
 

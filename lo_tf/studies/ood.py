@@ -55,7 +55,7 @@ class OODStudy(base.Study):
                           'plots': dict}],
             'summary': dict}
 
-  def __init__(self, configs=OOD_CONFIGS, num_tasks=1, num_inits=2):
+  def __init__(self, configs=OOD_CONFIGS, num_tasks=1, num_inits=1):
     if not configs:
       raise UserError('OODStudy.configs is empty; name at least one of gin/ood/*.gin')
     for name in configs:
