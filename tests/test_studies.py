@@ -39,6 +39,13 @@ TINY_TRAINING = ['InnerTrainer.num_steps = 8', 'InnerTrainer.eval_every = 4',
                  'MLP.hidden = (4,)', "MLPLOpt.implementation = 'reference'"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+  """Every study parses its own gin configuration; none may leak into the next test."""
+  yield
+  gin.clear_config()
+
+
 def _strict_json(path):
   def refuse(token):
     raise ValueError(f'non-standard JSON token {token}')
@@ -203,7 +210,6 @@ def test_every_ablation_config_builds_and_runs_one_outer_step(name, tmp_path):
   trainer = OuterTrainer(build_experiment(), str(tmp_path))
   theta0 = trainer.theta.numpy().copy()
   stats = trainer.outer_step()
-  gin.clear_config()
   assert stats['applied'] == 1.0 and np.all(np.isfinite(trainer.theta.numpy()))
   assert not np.array_equal(trainer.theta.numpy(), theta0)
   assert trainer.family.num_features == _NUM_FEATURES.get(name, 31)
