@@ -110,6 +110,10 @@ class TaskDistribution:
     examples_per_class: images used per class (None: the smallest class count over both splits),
       so every task has the same tensor shapes and the in-graph loops never retrace.
     split_seed: seed of the class split.
+    split_classes: False puts every class of `train_source` into both outer-train and outer-test
+      (no held-out classes): for studies of one dataset's tasks (Fig. 4: Adam's learning rate on
+      10-way MNIST) and out-of-distribution evaluations (App. E), never for outer-training an
+      optimizer meant to generalize. Refused together with `test_source`.
 
   Raises:
     UserError: for an unloadable source, a split with fewer than K classes, the same source given
@@ -118,7 +122,7 @@ class TaskDistribution:
 
   def __init__(self, train_source='digits', test_source=None, outer_train_fraction=0.7,
                num_classes=10, image_size=None, channels=None, valid_fraction=0.25,
-               examples_per_class=None, split_seed=0):
+               examples_per_class=None, split_seed=0, split_classes=True):
     self.valid_fraction = check_number('TaskDistribution', 'valid_fraction', valid_fraction, 0.0,
                                        1.0, low_open=True, high_open=True)
     self.num_classes = check_int('TaskDistribution', 'num_classes', num_classes, minimum=2)
@@ -139,6 +143,11 @@ class TaskDistribution:
     if test_source is not None and test_source == train_source:
       raise UserError(f'train_source and test_source are both {train_source!r}, so outer-train '
                       'and outer-test classes would overlap; omit test_source to split by fraction')
+    if not isinstance(split_classes, bool):
+      raise UserError(f'TaskDistribution.split_classes={split_classes!r} must be True or False')
+    if not split_classes and test_source is not None:
+      raise UserError('TaskDistribution.split_classes=False uses every class of train_source for '
+                      'both splits; drop test_source or set split_classes=True')
     sources = [load_source(train_source)]
     if test_source is not None:
       sources.append(load_source(test_source))
@@ -150,7 +159,10 @@ class TaskDistribution:
                       'channels so both sources match')
     self.image_shape = tuple(int(d) for d in self._images[0].shape[1:])
     self._sources = sources
-    if test_source is None:
+    if not split_classes:
+      every = np.arange(sources[0].num_classes)
+      self._classes = {OUTER_TRAIN: (0, every), OUTER_TEST: (0, every)}
+    elif test_source is None:
       check_number('TaskDistribution', 'outer_train_fraction', outer_train_fraction, 0.0, 1.0,
                    low_open=True, high_open=True)
       perm = np.random.default_rng(split_seed).permutation(sources[0].num_classes)
