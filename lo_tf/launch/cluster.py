@@ -226,7 +226,7 @@ class LocalCluster:
           for other in self._procs.values():
             _kill_group(other, signal.SIGKILL)
           shutil.rmtree(self.task_dir, ignore_errors=True)
-          os._exit(2)  # pylint: disable=protected-access
+          os._exit(2)
         if job == 'worker':
           logging.warning('local cluster: %s; its closures go to the other workers', what)
         else:

@@ -1,4 +1,4 @@
-"""`bin/train`: outer-trains a learned optimizer (paper §3, App. B), in one process or on a cluster."""
+"""`bin/train`: outer-trains a learned optimizer (paper §3, App. B), in one process or a cluster."""
 
 import functools
 import json
@@ -130,4 +130,4 @@ def exit_local_chief(code):
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(code if isinstance(code, int) else int(code is not None))  # pylint: disable=protected-access
+  os._exit(code if isinstance(code, int) else int(code is not None))

@@ -45,7 +45,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 # TensorFlow counts the closures it reruns after a worker failure but offers no public reader.
-from tensorflow.python.distribute.coordinator import metric_utils  # pylint: disable=g-direct-tensorflow-import
+# pylint: disable-next=g-direct-tensorflow-import
+from tensorflow.python.distribute.coordinator import metric_utils
 
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
@@ -223,7 +224,8 @@ class ClusterSamples:
     """
     checks = []
     if self._manifest is not None:
-      here = tf.gather(self._paths, tf.distribute.coordinator.experimental_get_current_worker_index())
+      worker = tf.distribute.coordinator.experimental_get_current_worker_index()
+      here = tf.gather(self._paths, worker)
       checks.append(tf.debugging.Assert(tf.equal(tf.io.read_file(here), self._manifest),
                                         [MISMATCH]))
     with tf.control_dependencies(checks):
