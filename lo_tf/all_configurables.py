@@ -9,6 +9,7 @@ from lo_tf.optimizers import hand_designed
 from lo_tf.tasks import distribution
 from lo_tf.tasks import problems
 from lo_tf.outer_trainers import curriculum
+from lo_tf.outer_trainers import distributed
 from lo_tf.outer_trainers import estimators
 from lo_tf.outer_trainers import learner
 from lo_tf.outer_trainers import loop

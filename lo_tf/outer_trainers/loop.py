@@ -1,7 +1,8 @@
 """The outer-training loop (paper App. B, Algorithm 1; §4.3): bookkeeping around estimator + learner.
 
-Each outer step is one call of the gradient estimator (every worker's antithetic truncation, one
-graph execution) and one call of the learner (eq. 1 and an Adam step, another). Everything else
+Each outer step is one batch of S samples from a sample source (`samples.LocalSamples`: every
+worker's antithetic truncation in one graph execution; `distributed.ClusterSamples`: closures on
+a parameter-server cluster) and one call of the learner (eq. 1 and an Adam step). Everything else
 lives here, in separate pieces: `Checkpoints` (resume, digests, the best-θ checkpoint),
 `Summaries` (TensorBoard), the meta-evaluation (`meta_eval.MetaEvaluator`), a tqdm progress bar and
 the throughput record.
@@ -36,6 +37,7 @@ from lo_tf.outer_trainers.curriculum import Curriculum
 from lo_tf.outer_trainers.estimators import MergedEstimator
 from lo_tf.outer_trainers.learner import OuterLearner
 from lo_tf.outer_trainers.meta_eval import MetaEvaluator
+from lo_tf.outer_trainers.samples import LocalSamples
 from lo_tf.outer_trainers.truncated_step import TruncatedStep
 
 LOPT_CONFIG = 'lopt.json'
@@ -189,6 +191,9 @@ class OuterTrainer:
       not change (no finite sample, or a rejected non-finite update).
     seed: seeds θ's initialization and every outer step's randomness.
     family: the learned optimizer family (default: gin-configured `MLPLOpt()`).
+    samples: where each outer step's batch of S samples comes from, called as
+      `samples(estimator, num_workers, seed)` (`lo_tf.outer_trainers.samples`; default
+      `LocalSamples`: all workers in this process; `distributed.ClusterSamples`: on a cluster).
 
   Raises:
     UserError: for bad settings.
@@ -196,7 +201,7 @@ class OuterTrainer:
 
   def __init__(self, experiment, train_dir, num_workers=8, num_outer_steps=1000,
                checkpoint_every=25, keep_checkpoints=3, meta_eval_every=100, meta_eval_tasks=20,
-               max_unusable_steps=20, seed=0, family=None):
+               max_unusable_steps=20, seed=0, family=None, samples=None):
     for name, value in (('num_workers', num_workers), ('num_outer_steps', num_outer_steps),
                         ('checkpoint_every', checkpoint_every),
                         ('keep_checkpoints', keep_checkpoints),
@@ -213,21 +218,24 @@ class OuterTrainer:
     step = TruncatedStep(experiment.tasks, experiment.problem, self.family, trainer.num_steps,
                          trainer.batch_size)
     self.estimator = MergedEstimator(step, Curriculum())
-    self.learner = OuterLearner(self.family.init_theta(tf.constant([seed, 0])),
-                                objective=step.objective, estimator=self.estimator.estimator)
+    # The sample source decides where the workers' inner states, θ and Adam's slots live.
+    self.samples = (samples or LocalSamples)(self.estimator, num_workers, self.seed)
+    with self.samples.placement():
+      self.learner = OuterLearner(self.family.init_theta(tf.constant([seed, 0])),
+                                  objective=step.objective, estimator=self.estimator.estimator)
     self.meta_eval = MetaEvaluator(experiment, self.family, step.objective, meta_eval_tasks)
     self.step = tf.Variable(0, dtype=tf.int64, name='outer_step')
     self.wall_seconds = tf.Variable(0.0, dtype=tf.float64, name='wall_seconds')
     self.best_score = tf.Variable(np.inf, dtype=tf.float64, name='best_meta_eval_score')
-    self.workers = tf.nest.map_structure(
-        tf.Variable, self.estimator.init_worker_state(num_workers))
+    self.workers = self.samples.workers
     self.metadata = {'lopt': self.family.config(), 'objective': step.objective,
                      'estimator': self.estimator.estimator,
                      'num_meta_params': self.family.num_meta_params,
                      'num_inner_params': experiment.problem.num_params,
-                     'num_workers': num_workers, 'num_inner_steps': trainer.num_steps}
+                     'num_workers': num_workers, 'num_inner_steps': trainer.num_steps,
+                     **self.samples.metadata()}
     trackables = dict(self.learner.trackables(), step=self.step, wall_seconds=self.wall_seconds,
-                      best_score=self.best_score, workers=tf.nest.flatten(self.workers))
+                      best_score=self.best_score, **self.samples.trackables())
     self.checkpoints = Checkpoints(train_dir, trackables, self.metadata, keep_checkpoints)
     self.summaries = None
 
@@ -236,14 +244,11 @@ class OuterTrainer:
     return self.learner.theta
 
   def outer_step(self):
-    """One outer step: every worker's sample, then eq. 1 and one Adam step. Returns scalars."""
-    step = int(self.step)
-    seed = tf.constant([self.seed, step], tf.int64)
-    out, state = self.estimator.estimate(self.theta, tf.nest.map_structure(tf.identity,
-                                                                           self.workers),
-                                         self.step, seed)
+    """One outer step: a batch of S samples (`self.samples`), then eq. 1 and one Adam step.
+
+    Returns the step's scalars (the sample source's own ones included)."""
+    out, source_stats = self.samples.batch(self.theta, self.step)
     stats = self.learner.apply(out)
-    tf.nest.map_structure(lambda v, x: v.assign(x), self.workers, state)
     self.step.assign_add(1)
     used = out.finite.numpy()
     lengths = out.lengths.numpy()
@@ -256,7 +261,8 @@ class OuterTrainer:
                   resets=int(out.reset.numpy().sum()), theta_norm=float(tf.norm(self.theta)),
                   unrolled_steps=2 * int(lengths.sum()),
                   # Peak resident memory: flat once the graphs are built (nothing accumulates).
-                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+                  peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                  **source_stats)
     return result
 
   def _meta_evaluate(self, step):
