@@ -257,6 +257,7 @@ def _theta(train_dir, step):
                                 'theta/.ATTRIBUTES/VARIABLE_VALUE')
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with pytest -m slow tests
 def test_local1_is_the_single_process_run_through_ps_and_chief_faults(tmp_path):
   """kill -9 of the parameter server: exit 2 with one line; the same command resumes. kill -9 of
   the chief: its tasks stop by themselves; the same command resumes. The result is the

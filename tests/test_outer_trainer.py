@@ -201,6 +201,7 @@ def _train_cmd(train_dir, steps):
           '--gin_bindings=Curriculum.start=3', '--gin_bindings=Curriculum.end=5']
 
 
+@pytest.mark.slow  # minutes on 2 cores: run with pytest -m slow tests
 def test_sigkill_midway_then_resume(tmp_path):
   """A run killed with SIGKILL resumes from its last checkpoint (at most one interval lost)."""
   train_dir = tmp_path / 'run'
