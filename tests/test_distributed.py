@@ -170,7 +170,7 @@ def test_closures_must_split_the_workers_evenly(experiment, tmp_path):
 _BINDINGS = ['OuterTrainer.num_workers=2', 'OuterTrainer.checkpoint_every=1',
              'OuterTrainer.keep_checkpoints=10', 'OuterTrainer.meta_eval_every=1000',
              'OuterTrainer.meta_eval_tasks=1', "MLPLOpt.implementation='reference'",
-             'ConvNet.channels=(4,)', 'ConvNet.strides=(2,)', 'InnerTrainer.num_steps=20',
+             'MLP.hidden=(8,)', 'InnerTrainer.num_steps=20',
              'Curriculum.start=3', 'Curriculum.end=5']
 _GIN = os.path.join(REPO, 'gin', 'quickstart.gin')
 _ENV = dict(os.environ, PYTHONPATH=REPO)  # this checkout's lo_tf in bin/train and its tasks

@@ -197,7 +197,7 @@ def _train_cmd(train_dir, steps):
           '--gin_bindings=OuterTrainer.meta_eval_tasks=1',
           '--gin_bindings=InnerTrainer.num_steps=20',
           "--gin_bindings=MLPLOpt.implementation='reference'",
-          '--gin_bindings=ConvNet.channels=(4,)', '--gin_bindings=ConvNet.strides=(2,)',
+          '--gin_bindings=MLP.hidden=(8,)',
           '--gin_bindings=Curriculum.start=3', '--gin_bindings=Curriculum.end=5']
 
 
