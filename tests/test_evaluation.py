@@ -158,8 +158,7 @@ def test_second_run_hits_the_cache(evaluated, tiny_experiment):
 
 def test_shipped_optimizer_loads_by_name_and_steps():
   names = checkpoints.shipped_names()
-  if not names:  # TODO(issue 8): the re-trained optimizers ship; then assert names
-    pytest.skip('no shipped optimizer yet')
+  assert 'quickstart_digits' in names
   for name in names:
     loaded, family, theta, meta = checkpoints.load_learned_optimizer(name)
     assert loaded == name and theta.shape == (MLPLOpt(**meta['lopt']).num_meta_params,)

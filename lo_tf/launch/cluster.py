@@ -27,6 +27,7 @@ from absl import logging
 
 from lo_tf import io_utils
 from lo_tf.errors import UserError
+from lo_tf.kernels import ops
 from lo_tf.outer_trainers import distributed
 
 LOCAL = 'local'
@@ -103,6 +104,9 @@ def serve(resolver, manifest, intra_op_threads=0):
   path = distributed.manifest_path(task_dir(), job, index, address)
   io_utils.ensure_writable_dir(os.path.dirname(path))
   io_utils.atomic_write_bytes(path, manifest.encode())
+  # The chief's functions may hold the fused op (MLPLOpt.implementation 'auto'/'custom_op'); a task
+  # runs them only if its process has registered the op before serving.
+  ops.available()
   config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads)
   tf.distribute.Server(spec, job_name=job, task_index=index, protocol=resolver.rpc_layer,
                        config=config, start=True)
