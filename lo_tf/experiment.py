@@ -33,7 +33,7 @@ class Experiment:
         'sources': [self.tasks.train_spec, self.tasks.test_spec],
         'tasks': [self.tasks.num_classes, self.tasks.image_shape, self.tasks.examples_per_class,
                   self.tasks.n_valid],
-        'split': [self.tasks.classes(s).tolist() for s in ('outer_train', 'outer_test')],
+        'split': [self.tasks.classes(s).tolist() for s in self.tasks.splits],
         'problem': [type(self.problem).__name__, sorted(vars(self.problem).items())],
         # The baselines' gin-configured hyperparameters (β1, momentum, ...) shape their curves.
         'baselines': {name: sorted(vars(cls(1.0)).items()) for name, cls in BASELINES.items()},

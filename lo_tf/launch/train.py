@@ -105,7 +105,7 @@ def _train(trainer, train_dir):
   print(f'outer-training curves: {os.path.join(train_dir, loop.OUTER_TRAINING_PNG)}')
   print(f'TensorBoard summaries: {os.path.join(train_dir, "summaries")} '
         f'(tensorboard --logdir {train_dir})')
-  print(f'checkpoints: {train_dir}; best θ by outer-train meta-loss: '
+  print(f'checkpoints: {train_dir}; best θ by meta-evaluation (outer-valid where the config has it): '
         f'{os.path.join(train_dir, loop.BEST)}  (evaluate with bin/eval --checkpoint=...)')
   return result
 

@@ -163,6 +163,44 @@ class MLPLOpt:
             shape, tf.random.experimental.stateless_fold_in(seed, i), -limit, limit))
     return tf.concat([tf.reshape(p, [-1]) for p in parts], 0)
 
+  def hand_designed_theta(self, step_size, seed, decay=0.9, residual_scale=0.1):
+    """θ whose step is `step_size` times the normalized Adam-like direction, plus a small residual.
+
+    Two hidden units compute relu(±x), x the per-tensor-normalized feature r_k·m_k = m_k /
+    sqrt(v_k + ε_r) at decay β_k = `decay`, and o2 = (step_size / λ_lin)·(relu(x) - relu(-x)), o1 =
+    0: the step is step_size·x, Adam's direction (β1 = β2 = `decay`, no bias correction) at an RMS
+    of `step_size` per tensor. The other hidden units keep `init_theta`'s weights and feed the
+    outputs through `residual_scale` times their initial output weights, so every entry of θ has an
+    outer gradient from the start. The paper leaves θ's initialization open (§4.1); starting from a
+    tuned hand-designed step spends no outer steps on growing the step size from ~λ_lin.
+
+    Args:
+      step_size: float > 0, the step's RMS per tensor (a learning rate).
+      seed: int32/int64 [2] stateless seed of the residual weights (as `init_theta`).
+      decay: one of `decays`.
+      residual_scale: factor on the other hidden units' output weights.
+
+    Returns:
+      float32 [num_meta_params].
+
+    Raises:
+      UserError: without the momentum and second-moment features, or for a decay not in `decays`.
+    """
+    if not (self.use_momentum and self.use_rms):
+      raise UserError('a hand-designed θ needs the r·m features: MLPLOpt.use_momentum and use_rms '
+                      'must both be True (or start from the Glorot initialization)')
+    if decay not in self.decays:
+      raise UserError(f'decay={decay!r} is not one of MLPLOpt.decays {self.decays}')
+    check_number('MLPLOpt', 'step_size', step_size, 0.0, low_open=True)
+    feature = 2 + 3 * self.depth + self.decays.index(decay)  # [g, w, m, v, r, r·m]
+    w1, b1, w2, b2 = [p[0] for p in self.unpack(self.init_theta(seed)[None])]
+    unit = tf.one_hot(feature, self.num_features)
+    w1 = tf.concat([tf.stack([unit, -unit], 1), w1[:, 2:]], 1)
+    b1 = tf.concat([tf.zeros([2]), b1[2:]], 0)
+    gain = step_size / self.lambda_lin
+    w2 = tf.concat([tf.constant([[0.0, gain], [0.0, -gain]]), residual_scale * w2[2:]], 0)
+    return tf.concat([tf.reshape(p, [-1]) for p in (w1, b1, w2, tf.zeros_like(b2))], 0)
+
   def unpack(self, theta):
     """Splits θ [M, num_meta_params] into W1 [M, F, H], b1 [M, H], W2 [M, H, 2], b2 [M, 2]."""
     sizes = [math.prod(s) for s in self._shapes()]

@@ -38,10 +38,12 @@ from lo_tf.outer_trainers.estimators import MergedEstimator
 from lo_tf.outer_trainers.learner import OuterLearner
 from lo_tf.outer_trainers.meta_eval import MetaEvaluator
 from lo_tf.outer_trainers.samples import LocalSamples
+from lo_tf.outer_trainers.theta_init import ThetaInit
 from lo_tf.outer_trainers.truncated_step import TruncatedStep
 
 LOPT_CONFIG = 'lopt.json'
 THROUGHPUT = 'throughput.json'
+THETA_INIT = 'theta_init.json'
 BEST = 'best'
 OUTER_TRAINING_PNG = 'outer_training.png'
 
@@ -187,10 +189,14 @@ class OuterTrainer:
     meta_eval_every: meta-evaluate every this many outer steps (and at the first and last); the
       best θ by outer-train meta-loss is kept in train_dir/best.
     meta_eval_tasks: tasks per split of the meta-evaluation.
+    meta_eval_outer_test: also meta-evaluate outer-test tasks (reported, never used to select;
+      off in recipes that choose on outer-valid and keep outer-test for the final numbers).
     max_unusable_steps: stop with an error after this many consecutive outer steps in which θ did
       not change (no finite sample, or a rejected non-finite update).
     seed: seeds θ's initialization and every outer step's randomness.
     family: the learned optimizer family (default: gin-configured `MLPLOpt()`).
+    theta_init: chooses θ at outer step 0 of a fresh run (default: gin-configured `ThetaInit()`);
+      its record goes to train_dir/theta_init.json.
     samples: where each outer step's batch of S samples comes from, called as
       `samples(estimator, num_workers, seed)` (`lo_tf.outer_trainers.samples`; default
       `LocalSamples`: all workers in this process; `distributed.ClusterSamples`: on a cluster).
@@ -201,7 +207,8 @@ class OuterTrainer:
 
   def __init__(self, experiment, train_dir, num_workers=8, num_outer_steps=1000,
                checkpoint_every=25, keep_checkpoints=3, meta_eval_every=100, meta_eval_tasks=20,
-               max_unusable_steps=20, seed=0, family=None, samples=None):
+               meta_eval_outer_test=True, max_unusable_steps=20, seed=0, family=None,
+               theta_init=None, samples=None):
     for name, value in (('num_workers', num_workers), ('num_outer_steps', num_outer_steps),
                         ('checkpoint_every', checkpoint_every),
                         ('keep_checkpoints', keep_checkpoints),
@@ -214,6 +221,7 @@ class OuterTrainer:
     self.checkpoint_every, self.meta_eval_every = checkpoint_every, meta_eval_every
     self.max_unusable_steps = max_unusable_steps
     self.family = family or MLPLOpt()
+    self.theta_init = theta_init or ThetaInit()
     trainer = experiment.trainer
     step = TruncatedStep(experiment.tasks, experiment.problem, self.family, trainer.num_steps,
                          trainer.batch_size)
@@ -223,7 +231,8 @@ class OuterTrainer:
     with self.samples.placement():
       self.learner = OuterLearner(self.family.init_theta(tf.constant([seed, 0])),
                                   objective=step.objective, estimator=self.estimator.estimator)
-    self.meta_eval = MetaEvaluator(experiment, self.family, step.objective, meta_eval_tasks)
+    self.meta_eval = MetaEvaluator(experiment, self.family, step.objective, meta_eval_tasks,
+                                   outer_test=meta_eval_outer_test)
     self.step = tf.Variable(0, dtype=tf.int64, name='outer_step')
     self.wall_seconds = tf.Variable(0.0, dtype=tf.float64, name='wall_seconds')
     self.best_score = tf.Variable(np.inf, dtype=tf.float64, name='best_meta_eval_score')
@@ -293,13 +302,21 @@ class OuterTrainer:
     """
     io_utils.ensure_writable_dir(self.train_dir)
     with io_utils.DirectoryLock(self.train_dir):
-      self.checkpoints.restore()
+      if self.checkpoints.restore() is None:
+        self._initialize_theta()
       self.checkpoints.write_metadata()
       if config_str is not None:
         io_utils.atomic_write_bytes(os.path.join(self.train_dir, 'config.gin'),
                                     config_str.encode())
       self.summaries = Summaries(os.path.join(self.train_dir, 'summaries'), int(self.step) + 1)
       return self._train()
+
+  def _initialize_theta(self):
+    """θ0 of a fresh run by `theta_init`, recorded in train_dir/theta_init.json."""
+    theta, record = self.theta_init(self.exp, self.family, self.meta_eval.objective, self.seed)
+    self.learner.theta.assign(theta)
+    logging.info('θ init: %s', record)
+    io_utils.atomic_write_json(os.path.join(self.train_dir, THETA_INIT), record)
 
   def _train(self):
     first = int(self.step)

@@ -3,13 +3,21 @@
 The paper splits ImageNet's 1,000 classes into 700 outer-train and 300 outer-test classes and samples
 each task as 10 classes drawn at random with all their images. Here a `TaskDistribution` splits a
 source's classes by a seeded fraction, or takes two sources whose classes are disjoint by
-construction (Omniglot ``images_background_small1`` vs ``small2``). A task is a pure function of its
-(split, seed): the same seed gives the same classes, images and inner-train/inner-valid split.
+construction (Omniglot ``images_background_small1`` vs ``small2``). A third, optional class set,
+outer-valid, is carved out of the outer-train classes: every configuration value, seed and
+checkpoint is chosen on it, so outer-test is only ever evaluated for the reported numbers.
+
+A task is a pure function of its (split, seed): the same seed gives the same classes, images and
+inner-train/inner-valid split. Where a split has few distinct K-class sets (at most
+`MAX_ENUMERATED_TASKS`; 10 for 3-way tasks of 5 digit classes), seeds 0, 1, ... enumerate all of them
+in a fixed shuffled order before any repeats, so "10 tasks" means the 10 distinct tasks.
 """
 
 import dataclasses
 import functools
 import hashlib
+import itertools
+import math
 
 from absl import logging
 import gin
@@ -22,8 +30,12 @@ from lo_tf.errors import check_int
 from lo_tf.errors import check_number
 
 OUTER_TRAIN = 'outer_train'
+OUTER_VALID = 'outer_valid'
 OUTER_TEST = 'outer_test'
-_SPLIT_IDS = {OUTER_TRAIN: 0, OUTER_TEST: 1}
+SPLITS = (OUTER_TRAIN, OUTER_VALID, OUTER_TEST)
+_SPLIT_IDS = {OUTER_TRAIN: 0, OUTER_TEST: 1, OUTER_VALID: 2}
+# Splits with at most this many distinct K-class sets draw them from an enumerated table.
+MAX_ENUMERATED_TASKS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +49,7 @@ class Task:
     y_valid: int32 [K * n_valid].
     classes: int64 [K] class ids in the source the task was drawn from.
     class_names: K strings.
-    split: OUTER_TRAIN or OUTER_TEST.
+    split: OUTER_TRAIN, OUTER_VALID or OUTER_TEST.
     seed: the integer seed the task is a pure function of.
   """
   x_train: tf.Tensor
@@ -93,7 +105,7 @@ def _classes_not_in(source, other):
 
 @gin.configurable
 class TaskDistribution:
-  """Outer-train / outer-test distributions of K-way classification tasks (paper §4.2).
+  """Outer-train / outer-valid / outer-test distributions of K-way classification tasks (§4.2).
 
   Args:
     train_source: source spec (see `lo_tf.data.sources`) of the outer-train classes; also of the
@@ -103,6 +115,9 @@ class TaskDistribution:
       held out.
     outer_train_fraction: with one source, the fraction of its classes that is outer-train (paper:
       700/1000 = 0.7); the rest is outer-test. The split is a permutation seeded by `split_seed`.
+    outer_valid_classes: this many of the outer-train classes (drawn by a permutation seeded by
+      `split_seed`) form the outer-valid split instead, disjoint from outer-train and outer-test;
+      0: no outer-valid split.
     num_classes: K, the classes per task (paper: 10).
     image_size: (height, width) the images are resized to, or None to keep them.
     channels: 1 (grayscale) or 3 (RGB), or None to keep the source's.
@@ -122,11 +137,12 @@ class TaskDistribution:
 
   def __init__(self, train_source='digits', test_source=None, outer_train_fraction=0.7,
                num_classes=10, image_size=None, channels=None, valid_fraction=0.25,
-               examples_per_class=None, split_seed=0, split_classes=True):
+               examples_per_class=None, split_seed=0, split_classes=True, outer_valid_classes=0):
     self.valid_fraction = check_number('TaskDistribution', 'valid_fraction', valid_fraction, 0.0,
                                        1.0, low_open=True, high_open=True)
     self.num_classes = check_int('TaskDistribution', 'num_classes', num_classes, minimum=2)
     check_int('TaskDistribution', 'split_seed', split_seed, minimum=0)
+    check_int('TaskDistribution', 'outer_valid_classes', outer_valid_classes, minimum=0)
     if examples_per_class is not None:
       check_int('TaskDistribution', 'examples_per_class', examples_per_class, minimum=2)
     if image_size is not None and (not isinstance(image_size, (tuple, list)) or
@@ -179,6 +195,15 @@ class TaskDistribution:
                         train_source)
       self._classes = {OUTER_TRAIN: (0, np.arange(sources[0].num_classes)),
                        OUTER_TEST: (1, test_classes)}
+    if outer_valid_classes:
+      if not split_classes:
+        raise UserError('TaskDistribution.outer_valid_classes needs split_classes=True (with one '
+                        'class set for every split there is nothing to hold out)')
+      src, train_classes = self._classes[OUTER_TRAIN]
+      perm = np.random.default_rng([split_seed, _SPLIT_IDS[OUTER_VALID]]).permutation(
+          len(train_classes))
+      self._classes[OUTER_VALID] = (src, np.sort(train_classes[perm[:outer_valid_classes]]))
+      self._classes[OUTER_TRAIN] = (src, np.sort(train_classes[perm[outer_valid_classes:]]))
     self._members = [[np.flatnonzero(s.labels == c) for c in range(s.num_classes)]
                      for s in sources]
     for split, (src, classes) in self._classes.items():
@@ -208,10 +233,22 @@ class TaskDistribution:
     """The `Source` that `split`'s classes come from."""
     return self._sources[self._split(split)[0]]
 
+  @property
+  def splits(self):
+    """The splits this distribution has, in SPLITS order (outer-valid only when configured)."""
+    return tuple(s for s in SPLITS if s in self._classes)
+
   def _split(self, split):
+    if split == OUTER_VALID and split not in self._classes:
+      raise UserError('this task distribution has no outer-valid split; set '
+                      'TaskDistribution.outer_valid_classes to hold out outer-train classes')
     if split not in self._classes:
-      raise UserError(f'unknown split {split!r}; use {OUTER_TRAIN!r} or {OUTER_TEST!r}')
+      raise UserError(f'unknown split {split!r}; use one of {SPLITS}')
     return self._classes[split]
+
+  def num_distinct_tasks(self, split):
+    """How many distinct K-class sets `split` has: C(classes, K)."""
+    return math.comb(len(self._split(split)[1]), self.num_classes)
 
   def _build_tables(self):
     """In-graph task tables: all pixels (uint8) and, per split, its classes' member indices."""
@@ -226,18 +263,27 @@ class TaskDistribution:
         row[:len(m)] = m
       self._tables[split] = (tf.constant(table),
                              tf.constant([len(m) for m in members], tf.int32))
+    self._class_sets = {}
+    for split, (_, classes) in self._classes.items():
+      if self.num_distinct_tasks(split) <= MAX_ENUMERATED_TASKS:
+        sets = np.array(list(itertools.combinations(range(len(classes)), self.num_classes)),
+                        np.int32)
+        order = np.random.default_rng(_SPLIT_IDS[split]).permutation(len(sets))
+        self._class_sets[split] = tf.constant(sets[order])
 
   def task_indices(self, split, seed):
     """The K-way task of `split` determined by `seed`, as indices into `pixels` (paper §4.2).
 
     A pure TensorFlow function of (split, seed), usable inside graphs: K classes are drawn without
-    replacement from the split, and from each class `examples_per_class` images in random order,
+    replacement from the split (seed mod C(classes, K) indexes a shuffled table of every K-class
+    set where there are at most MAX_ENUMERATED_TASKS), and from each class `examples_per_class`
+    images in random order,
     the first `n_valid` inner-valid and the rest inner-train. Labels are implied by position:
     entry j of the train (valid) indices has label j // n_train (j // n_valid).
 
     Args:
-      split: OUTER_TRAIN or OUTER_TEST (a Python string).
-      seed: int or int64 scalar tensor.
+      split: OUTER_TRAIN, OUTER_VALID or OUTER_TEST (a Python string).
+      seed: non-negative int or int64 scalar tensor.
 
     Returns:
       (train int32 [K * n_train], valid int32 [K * n_valid], classes int32 [K]: positions in
@@ -250,8 +296,13 @@ class TaskDistribution:
     table, counts = self._tables[split]
     base = tf.stack([tf.cast(seed, tf.int64), tf.constant(_SPLIT_IDS[split], tf.int64)])
     k, e = self.num_classes, self.examples_per_class
-    keys = tf.random.stateless_uniform(tf.shape(counts), base)
-    classes = tf.math.top_k(keys, k).indices
+    if split in self._class_sets:
+      sets = self._class_sets[split]
+      classes = tf.gather(sets, tf.math.floormod(tf.cast(seed, tf.int64),
+                                                 tf.cast(tf.shape(sets)[0], tf.int64)))
+    else:
+      keys = tf.random.stateless_uniform(tf.shape(counts), base)
+      classes = tf.math.top_k(keys, k).indices
     width = tf.shape(table)[1]
     member_keys = tf.random.stateless_uniform(
         [k, width], tf.random.experimental.stateless_fold_in(base, 1))
@@ -275,7 +326,7 @@ class TaskDistribution:
     The same task `task_indices(split, seed)` gives inside graphs.
 
     Args:
-      split: OUTER_TRAIN or OUTER_TEST.
+      split: OUTER_TRAIN, OUTER_VALID or OUTER_TEST.
       seed: non-negative int; the task is a pure function of (split, seed).
 
     Returns:

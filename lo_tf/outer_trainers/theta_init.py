@@ -1,0 +1,86 @@
+"""θ at outer step 0: Glorot, or a hand-designed step tuned on outer-train tasks (paper §4.1).
+
+Neither the paper nor the authors' code fixes θ's initialization. With λ_lin = 1e-3 a Glorot θ
+takes steps of ~1e-3 of an output unit, so the first hundred outer steps of a CNN recipe only grow
+the step size (the meta-loss at outer step 0 is chance). `ThetaInit(kind='tuned_adam')` starts
+instead from `MLPLOpt.hand_designed_theta`: the normalized Adam-like direction at the step size that
+is best by the outer objective on fixed outer-train tasks, out of a grid — seconds of inner
+training instead of outer steps. The choice never looks at outer-valid or outer-test tasks.
+"""
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from lo_tf.errors import UserError
+from lo_tf.errors import check_int
+from lo_tf.outer_trainers.meta_eval import SEED_OFFSET
+from lo_tf.tasks.distribution import OUTER_TRAIN
+
+KINDS = ('glorot', 'tuned_adam')
+
+
+@gin.configurable
+class ThetaInit:
+  """Chooses θ0 for a learned optimizer family.
+
+  Args:
+    kind: 'glorot' (`family.init_theta`) or 'tuned_adam' (`family.hand_designed_theta` at the best
+      of `step_sizes`).
+    step_sizes: the grid of step sizes tried by 'tuned_adam'.
+    num_tasks: outer-train tasks (seeds SEED_OFFSET + i, the meta-evaluation's) each step size is
+      scored on, one initialization each.
+    decay: the EMA decay of the Adam-like direction (one of `MLPLOpt.decays`).
+
+  Raises:
+    UserError: for an unknown kind, an empty grid or a family without `hand_designed_theta`.
+  """
+
+  def __init__(self, kind='glorot', step_sizes=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+               num_tasks=5, decay=0.9):
+    if kind not in KINDS:
+      raise UserError(f'ThetaInit.kind={kind!r}; use one of {KINDS}')
+    if not step_sizes:
+      raise UserError('ThetaInit.step_sizes is empty; give at least one step size')
+    self.kind, self.decay = kind, float(decay)
+    self.step_sizes = tuple(float(s) for s in step_sizes)
+    self.num_tasks = check_int('ThetaInit', 'num_tasks', num_tasks)
+
+  def __call__(self, experiment, family, objective, seed):
+    """θ0 float32 [P] and a JSON-able record of how it was chosen.
+
+    Args:
+      experiment: `lo_tf.experiment.Experiment`.
+      family: the learned optimizer family.
+      objective: 'train' or 'valid': the score is the mean minibatch train loss over T steps, or
+        the mean inner-valid loss over the evaluation points, averaged over the tasks.
+      seed: the run's seed (the residual weights' seed, as for Glorot).
+    """
+    stateless = tf.constant([seed, 0])
+    if self.kind == 'glorot':
+      return family.init_theta(stateless), {'kind': 'glorot'}
+    if not hasattr(family, 'hand_designed_theta'):
+      raise UserError(f'ThetaInit.kind=tuned_adam needs a family with hand_designed_theta; '
+                      f'{type(family).__name__} has none: use kind="glorot"')
+    tasks = [experiment.tasks.sample_task(OUTER_TRAIN, SEED_OFFSET + i)
+             for i in range(self.num_tasks)]
+    scores = []
+    for step_size in self.step_sizes:
+      theta = family.hand_designed_theta(step_size, stateless, decay=self.decay)
+      losses = []
+      for i, task in enumerate(tasks):
+        curves = experiment.trainer.train(family, theta, task, seed=i)
+        curve = curves.train_loss if objective == 'train' else curves.valid_loss
+        losses.append(np.inf if curves.diverged else float(np.mean(curve)))
+      scores.append(float(np.mean(losses)))
+      logging.info('θ init: step size %.3g scores %.4f on %d outer-train tasks', step_size,
+                   scores[-1], len(tasks))
+    best = int(np.argmin(scores))
+    if not np.isfinite(scores[best]):
+      raise UserError('every step size of ThetaInit.step_sizes diverged on outer-train tasks; '
+                      'give smaller ones')
+    record = {'kind': self.kind, 'decay': self.decay, 'objective': objective,
+              'step_sizes': list(self.step_sizes), 'scores': scores,
+              'chosen_step_size': self.step_sizes[best], 'num_tasks': self.num_tasks}
+    return family.hand_designed_theta(self.step_sizes[best], stateless, decay=self.decay), record
