@@ -34,7 +34,6 @@ from lo_tf.inner_training import InnerCurves
 from lo_tf.optimizers.hand_designed import BASELINES
 from lo_tf.optimizers.hand_designed import learning_rate_grid
 from lo_tf.tasks.distribution import OUTER_TEST
-from lo_tf.tasks.distribution import OUTER_TRAIN
 
 BASELINE_NAMES = ('adam', 'rmsprop', 'sgdm')
 METRICS = ('train', 'valid', 'valid_final')
@@ -223,30 +222,33 @@ class Evaluator:
     learned: optional (name, family, theta) of a learned optimizer; None evaluates baselines only.
     grid: learning rates of the baseline grid (default: the §4.4 grid of 11 values).
     first_task: the first task seed.
-    split: OUTER_TEST (held-out classes, the default) or OUTER_TRAIN (App. D shows both: winning
+    split: OUTER_TEST (held-out classes, the default: for reported numbers only), OUTER_VALID
+      (held-out classes that every choice is made on) or OUTER_TRAIN (App. D shows both: winning
       on outer-train but not outer-test points at generalization, losing on both at
       outer-training).
     plot_tasks: Fig. 1a,b is drawn for this many tasks (the first ones).
     provenance: JSON-able facts about the learned optimizer recorded in results.json (which
       checkpoint or shipped name, θ's hash).
+    cache_dir: the run cache (default output_dir/cache); evaluations that share one (the
+      checkpoints of a learning curve) run each baseline once.
 
   Raises:
-    UserError: for non-positive counts, a negative first task or an unknown split.
+    UserError: for non-positive counts, a negative first task or a split the experiment's task
+      distribution does not have.
   """
 
   def __init__(self, experiment, output_dir, num_tasks=20, num_inits=5, learned=None, grid=None,
-               first_task=0, split=OUTER_TEST, plot_tasks=1, provenance=None):
+               first_task=0, split=OUTER_TEST, plot_tasks=1, provenance=None, cache_dir=None):
     check_int('Evaluator', 'num_tasks', num_tasks)
     check_int('Evaluator', 'num_inits', num_inits)
     check_int('Evaluator', 'first_task', first_task, minimum=0)
     check_int('Evaluator', 'plot_tasks', plot_tasks, minimum=0)
-    if split not in (OUTER_TEST, OUTER_TRAIN):
-      raise UserError(f'split={split!r}; use {OUTER_TEST!r} or {OUTER_TRAIN!r}')
+    experiment.tasks.classes(split)  # UserError for a split the distribution lacks
     self.first_task, self.split, self.plot_tasks = first_task, split, plot_tasks
     self.provenance = provenance
     self.exp = experiment
     self.output_dir = io_utils.ensure_writable_dir(output_dir)
-    self.cache = CurveCache(os.path.join(output_dir, 'cache'))
+    self.cache = CurveCache(cache_dir or os.path.join(output_dir, 'cache'))
     self.num_tasks, self.num_inits = num_tasks, num_inits
     self.learned = learned
     self.grid = learning_rate_grid() if grid is None else np.asarray(grid)

@@ -128,8 +128,8 @@ def read_scalars(summary_dir):
 def outer_training(summary_dir, path):
   """The outer-training curves of a bin/train run (paper Fig. 5) as a PNG at `path`.
 
-  Panels: the outer loss per step (and its running median); meta-evaluation on outer-train and
-  outer-test tasks; the per-element variances of g_rp and g_es (Fig. 5a); the mean weight of g_rp
+  Panels: the outer loss per step (and its running median); meta-evaluation on the splits it ran
+  on (outer-train, outer-valid, outer-test); the per-element variances of g_rp and g_es (Fig. 5a); the mean weight of g_rp
   in eq. 1. Returns `path`, or None when the summaries hold nothing to draw.
   """
   scalars = read_scalars(summary_dir)
@@ -147,7 +147,8 @@ def outer_training(summary_dir, path):
   ax.legend(fontsize=8)
   ax = axes[0, 1]
   for tag, style in (('mean_train_loss', '-'), ('mean_valid_loss', '--')):
-    for split, color in (('outer_train', 'tab:blue'), ('outer_test', 'tab:red')):
+    for split, color in (('outer_train', 'tab:blue'), ('outer_valid', 'tab:green'),
+                         ('outer_test', 'tab:red')):
       key = f'meta_eval/{split}/{tag}'
       if key in scalars:
         ax.plot(*scalars[key], style, color=color, marker='.', label=f'{split} {tag}')
@@ -167,6 +168,38 @@ def outer_training(summary_dir, path):
   for ax in axes.flat:
     ax.set_xlabel('outer step')
     ax.grid(alpha=0.3)
+  fig.tight_layout()
+  io_utils.atomic_savefig(fig, path)
+  plt.close(fig)
+  return path
+
+
+def learning_curve(curve, path):
+  """Win rates and median improvements against the outer step (`lo_tf.learning_curve`) as a PNG.
+
+  Args:
+    curve: the dict of `learning_curve.evaluate_checkpoints` (its 'points').
+    path: the PNG to write (atomically). Returns `path`.
+  """
+  steps = [p['outer_step'] for p in curve['points']]
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for metric, color in zip(('train', 'valid', 'valid_final'), ('tab:blue', 'tab:orange',
+                                                                'tab:red')):
+    for ax, key in zip(axes, ('win_rate', 'median_improvement', 'speedup_wallclock')):
+      ax.plot(steps, [p[f'{key}_{metric}'] for p in curve['points']], marker='.', color=color,
+              label=metric)
+  for ax, title in zip(axes, ('win rate over the best tuned baseline',
+                              'median loss improvement (positive: learned better)',
+                              'median wall-clock speedup')):
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel('outer step')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[0].set_ylim(-0.05, 1.05)
+  axes[1].axhline(0, color='k', lw=0.8)
+  axes[2].axhline(1, color='k', lw=0.8)
+  fig.suptitle(f'{curve["num_tasks"]} {curve["split"]} tasks x {curve["num_inits"]} inits, '
+               f'{os.path.basename(curve["train_dir"])}', fontsize=10)
   fig.tight_layout()
   io_utils.atomic_savefig(fig, path)
   plt.close(fig)

@@ -253,3 +253,34 @@ def test_first_step_finite_first_and_second_derivatives():
   hvp = outer.gradient(gv, theta)  # second derivative along v
   assert np.all(np.isfinite(grad.numpy())) and np.any(grad.numpy() != 0)
   assert np.all(np.isfinite(hvp.numpy()))
+
+
+def test_hand_designed_theta_steps_by_the_normalized_adam_direction():
+  lopt = MLPLOpt(implementation='reference')
+  theta = lopt.hand_designed_theta(2e-3, tf.constant([0, 0]), decay=0.5, residual_scale=0.0)
+  assert theta.shape == (lopt.num_meta_params,)
+  rng = np.random.default_rng(0)
+  params = [tf.constant(rng.normal(size=(3, 4)), tf.float32), tf.constant(rng.normal(size=5),
+                                                                            tf.float32)]
+  grads = [tf.constant(rng.normal(size=(3, 4)), tf.float32), tf.constant(rng.normal(size=5) * 1e-3,
+                                                                           tf.float32)]
+  new, _ = _one_step(lopt, theta, grads, params)
+  for p, g, n in zip(params, grads, new):
+    g = g.numpy().astype(np.float64)
+    m, v = 0.5 * g, 0.5 * g**2  # one EMA step from zero at decay 0.5
+    rm = m / np.sqrt(v + lopt.rms_epsilon)
+    x = rm / np.sqrt(lopt.norm_epsilon + np.mean(rm**2))
+    np.testing.assert_allclose(p.numpy() - n.numpy(), 2e-3 * x, rtol=1e-4, atol=1e-9)
+  # The residual units only perturb the step (scale 0.1 of their Glorot output weights).
+  noisy = lopt.hand_designed_theta(2e-3, tf.constant([0, 0]), decay=0.5)
+  steps = [p - n for p, n in zip(params, _one_step(lopt, noisy, grads, params)[0])]
+  exact = [p - n for p, n in zip(params, new)]
+  for s, e in zip(steps, exact):
+    assert 0 < np.max(np.abs(s - e)) < 0.2 * np.max(np.abs(e))
+
+
+def test_hand_designed_theta_needs_its_features():
+  with pytest.raises(UserError, match='use_momentum and use_rms'):
+    MLPLOpt(use_rms=False).hand_designed_theta(1e-3, tf.constant([0, 0]))
+  with pytest.raises(UserError, match='not one of MLPLOpt.decays'):
+    MLPLOpt().hand_designed_theta(1e-3, tf.constant([0, 0]), decay=0.7)

@@ -19,10 +19,14 @@ from lo_tf.errors import UserError
 from lo_tf.experiment import Experiment
 from lo_tf.inner_training import InnerTrainer
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
+from lo_tf.learning_curve import evaluate_checkpoints
 from lo_tf.outer_trainers.loop import OuterTrainer
+from lo_tf.outer_trainers.meta_eval import MetaEvaluator
+from lo_tf.outer_trainers.theta_init import ThetaInit
 from lo_tf.plotting import read_scalars
 from lo_tf.tasks.distribution import TaskDistribution
 from lo_tf.tasks.problems import ConvNet
+from lo_tf.tasks.problems import MLP
 
 _CURRICULUM = ['Curriculum.start = 3', 'Curriculum.end = 6', 'Curriculum.num_outer_steps = 4']
 
@@ -242,3 +246,70 @@ def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
 def test_nonsense_loop_settings_are_refused(experiment, tmp_path):
   with pytest.raises(UserError, match='num_workers'):
     OuterTrainer(experiment, str(tmp_path), num_workers=0)
+
+
+def test_tuned_theta_init_picks_the_best_step_size_on_outer_train(experiment):
+  tasks = experiment.tasks
+  problem = MLP(tasks.image_shape, 3, hidden=(16,))
+  mlp = Experiment(tasks, problem, InnerTrainer(problem, num_steps=30, batch_size=16,
+                                                eval_every=10))
+  family = MLPLOpt(implementation='reference')
+  init = ThetaInit('tuned_adam', step_sizes=(1e-7, 3e-2, 0.3), num_tasks=2, decay=0.5)
+  theta, record = init(mlp, family, 'train', seed=3)
+  # 1e-7 leaves the MLP at its initial loss, 0.3 overshoots, 3e-2 trains it (mean loss 0.26).
+  assert record['scores'][1] < min(record['scores'][0], record['scores'][2]) - 0.5
+  assert record['chosen_step_size'] == 3e-2
+  np.testing.assert_array_equal(
+      theta.numpy(), family.hand_designed_theta(3e-2, tf.constant([3, 0]), decay=0.5).numpy())
+  glorot, record = ThetaInit()(experiment, family, 'train', seed=3)
+  assert record == {'kind': 'glorot'}
+  np.testing.assert_array_equal(glorot.numpy(), family.init_theta(tf.constant([3, 0])).numpy())
+  with pytest.raises(UserError, match='ThetaInit.kind'):
+    ThetaInit('zeros')
+
+
+def test_a_fresh_run_starts_from_theta_init_and_records_it(experiment, tmp_path):
+  init = ThetaInit('tuned_adam', step_sizes=(1e-2,), num_tasks=1)
+  trainer = _trainer(experiment, tmp_path, steps=1, theta_init=init)
+  trainer.train()
+  with open(tmp_path / 'theta_init.json') as f:
+    assert json.load(f)['chosen_step_size'] == 1e-2
+  # Resumed runs restore θ from the checkpoint: θ0 is not chosen again.
+  os.remove(tmp_path / 'theta_init.json')
+  resumed = _trainer(experiment, tmp_path, steps=2, theta_init=init)
+  resumed.train()
+  assert not (tmp_path / 'theta_init.json').exists()
+
+
+def test_meta_evaluation_selects_on_outer_valid_and_can_skip_outer_test():
+  tasks = TaskDistribution('digits', num_classes=2, outer_train_fraction=0.7,
+                           outer_valid_classes=2)
+  problem = ConvNet(tasks.image_shape, 2, channels=(4,), strides=(2,))
+  exp = Experiment(tasks, problem, InnerTrainer(problem, num_steps=6, batch_size=8, eval_every=3))
+  family = MLPLOpt(implementation='reference')
+  out = MetaEvaluator(exp, family, 'valid', num_tasks=1, outer_test=False)(
+      family.hand_designed_theta(1e-2, tf.constant([0, 0])))
+  assert {k.split('/')[0] for k in out if '/' in k} == {'outer_train', 'outer_valid'}
+  assert out['selection_score'] == out['outer_valid/mean_valid_loss']
+  assert out['outer_valid/mean_valid_loss'] != out['outer_train/mean_valid_loss']
+
+
+def test_every_checkpoint_learning_curve_runs_each_baseline_once(experiment, trained, tmp_path):
+  train_dir = trained[0]
+  out = tmp_path / 'curve'
+  curve = evaluate_checkpoints(experiment, str(train_dir), str(out), num_tasks=1, num_inits=1,
+                               split='outer_test')
+  kept = sorted(int(p.rsplit('-', 1)[1]) for p in checkpoints.kept_checkpoints(train_dir)[0])
+  assert [p['outer_step'] for p in curve['points']] == kept and len(kept) >= 2
+  assert len({p['theta_sha1'] for p in curve['points']}) == len(kept)
+  # One task, 3 baselines x (11 tuning rates + at most 3 chosen rates at init 0, all shared), and
+  # one learned run per checkpoint: the baselines ran once for all checkpoints.
+  cached = os.listdir(out / 'cache')
+  learned = [f for f in cached if '-learned_' in f]
+  assert len(learned) == len(kept) and len(cached) - len(learned) == 3 * 11
+  with open(out / 'learning_curve.json') as f:
+    on_disk = json.load(f)
+  assert on_disk['points'][0]['win_rate_train'] in (0.0, 1.0)
+  assert (out / 'learning_curve.png').stat().st_size > 10_000
+  for step in kept:
+    assert (out / f'ckpt-{step}' / 'results.json').exists()

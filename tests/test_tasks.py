@@ -10,6 +10,7 @@ from conftest import require
 from lo_tf.errors import UserError
 from lo_tf.tasks.distribution import OUTER_TEST
 from lo_tf.tasks.distribution import OUTER_TRAIN
+from lo_tf.tasks.distribution import OUTER_VALID
 from lo_tf.tasks.distribution import TaskDistribution
 
 SPLITS = (OUTER_TRAIN, OUTER_TEST)
@@ -191,8 +192,8 @@ def test_bad_arguments():
 
 def test_unknown_split(digits3):
   with pytest.raises(UserError) as e:
-    digits3.sample_task('outer_valid', 0)
-  assert "'outer_valid'" in str(e.value)
+    digits3.sample_task('outer_dev', 0)
+  assert "'outer_dev'" in str(e.value)
 
 
 def test_sources_of_different_shapes_need_image_size(tmp_path):
@@ -296,3 +297,67 @@ def test_channels_1_converts_rgb_to_luma(tmp_path):
   np.testing.assert_array_equal(g.classes, c.classes)
   luma = c.x_train.numpy() @ np.array([0.2989, 0.5870, 0.1140], np.float32)
   np.testing.assert_allclose(g.x_train.numpy()[..., 0], luma, atol=1.01 / 255)
+
+
+# ------------------------------------------------------------------ outer-valid and distinct tasks
+
+
+def test_outer_valid_split_is_disjoint_and_seeded():
+  d = TaskDistribution('digits', num_classes=2, outer_train_fraction=0.7, outer_valid_classes=2)
+  train, valid, test = (set(d.classes(s)) for s in (OUTER_TRAIN, OUTER_VALID, OUTER_TEST))
+  assert (len(train), len(valid), len(test)) == (5, 2, 3)
+  assert not train & valid and not train & test and not valid & test
+  assert train | valid | test == set(range(10))
+  assert d.splits == (OUTER_TRAIN, OUTER_VALID, OUTER_TEST)
+  # The same split_seed carves the same outer-valid classes; outer-test is untouched by it.
+  again = TaskDistribution('digits', num_classes=2, outer_train_fraction=0.7,
+                           outer_valid_classes=2)
+  np.testing.assert_array_equal(again.classes(OUTER_VALID), d.classes(OUTER_VALID))
+  plain = TaskDistribution('digits', num_classes=2, outer_train_fraction=0.7)
+  np.testing.assert_array_equal(plain.classes(OUTER_TEST), d.classes(OUTER_TEST))
+  for seed in range(6):
+    assert set(d.sample_task(OUTER_VALID, seed).classes) <= valid
+
+
+def test_outer_valid_split_of_two_sources_comes_from_the_train_source(omniglot_small1,
+                                                                     omniglot_small2):
+  d = TaskDistribution(f'folder:{omniglot_small1}', f'folder:{omniglot_small2}', num_classes=5,
+                       image_size=(8, 8), channels=1, outer_valid_classes=30)
+  assert len(d.classes(OUTER_VALID)) == 30 and len(d.classes(OUTER_TRAIN)) == 136 - 30
+  assert d.source(OUTER_VALID) is d.source(OUTER_TRAIN)
+  assert not set(d.classes(OUTER_VALID)) & set(d.classes(OUTER_TRAIN))
+
+
+def test_a_missing_outer_valid_split_is_a_one_line_error(digits3):
+  with pytest.raises(UserError, match='outer_valid_classes'):
+    digits3.sample_task(OUTER_VALID, 0)
+  assert OUTER_VALID not in digits3.splits
+  with pytest.raises(UserError, match='outer_valid_classes'):
+    TaskDistribution('digits', num_classes=2, split_classes=False, outer_valid_classes=2)
+  with pytest.raises(UserError, match='fewer than K'):
+    TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5, outer_valid_classes=3)
+
+
+@pytest.mark.parametrize('split', SPLITS)
+def test_seeds_enumerate_every_distinct_class_set_before_repeating(digits3, split):
+  assert digits3.num_distinct_tasks(split) == 10  # C(5, 3)
+  sets = [frozenset(digits3.sample_task(split, seed).classes.tolist()) for seed in range(10)]
+  assert len(set(sets)) == 10
+  # Seed i and i + 10 are the same class set; the in-graph draw for a large seed agrees.
+  assert frozenset(digits3.sample_task(split, 13).classes.tolist()) == sets[3]
+  big = 2**61 + 7
+  _, _, positions = digits3.task_indices(split, big)
+  expected = sets[big % 10]
+  assert frozenset(digits3.classes(split)[positions.numpy()].tolist()) == expected
+
+
+def test_splits_with_many_class_sets_draw_them_at_random(monkeypatch):
+  from lo_tf.tasks import distribution  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(distribution, 'MAX_ENUMERATED_TASKS', 1)
+  d = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
+  sets = [frozenset(_uncached(d, OUTER_TRAIN, seed).classes.tolist()) for seed in range(10)]
+  # Independent draws of 10 out of 10 sets repeat some (all distinct has probability 4e-4) ...
+  assert len(set(sets)) < 10
+  # ... and stay a pure function of the seed, K distinct classes of the split.
+  assert sets == [frozenset(_uncached(d, OUTER_TRAIN, seed).classes.tolist()) for seed in range(10)]
+  assert all(len(s) == 3 and s <= set(d.classes(OUTER_TRAIN)) for s in sets)

@@ -7,21 +7,39 @@ from lo_tf import all_configurables  # pylint: disable=unused-import
 from lo_tf import checkpoints
 from lo_tf import io_utils
 from lo_tf.evaluation import Evaluator
+from lo_tf.errors import UserError
 from lo_tf.evaluation import theta_hash
 from lo_tf.experiment import build_experiment
+from lo_tf.learning_curve import evaluate_checkpoints
 from lo_tf.launch import common
 from lo_tf.tasks.distribution import OUTER_TEST
 
 
 def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_tasks, num_inits,
-                        output_dir, first_task=0, split=OUTER_TEST, plot_tasks=1):
+                        output_dir, first_task=0, split=OUTER_TEST, plot_tasks=1,
+                        every_checkpoint=False):
   """Parses gin, builds the experiment, loads the learned optimizer, evaluates, prints a summary.
+
+  With `every_checkpoint`, `checkpoint` is a train_dir whose kept checkpoints are all evaluated
+  (`lo_tf.learning_curve`).
 
   Raises:
     UserError: for bad gin configuration, sources, checkpoints or output directories.
   """
+  if every_checkpoint and not checkpoint:
+    raise UserError('--every_checkpoint needs --checkpoint=TRAIN_DIR (a bin/train directory)')
   extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
   common.parse_gin(gin_files, gin_bindings, extra)
+  if every_checkpoint:
+    experiment = common.build(build_experiment)
+    with io_utils.remove_created_dirs_on_error(output_dir):
+      curve = evaluate_checkpoints(experiment, checkpoint, output_dir, num_tasks, num_inits,
+                                   split=split, first_task=first_task)
+    for p in curve['points']:
+      print(f'outer step {p["outer_step"]:5d}: ' + '  '.join(
+          f'win_rate_{m} {p[f"win_rate_{m}"]:.2f}' for m in ('train', 'valid', 'valid_final')))
+    print(f'learning curve: {os.path.join(output_dir, "learning_curve.json")}, {curve["plot"]}')
+    return curve
   learned = provenance = None
   if checkpoint:
     name, family, theta, meta = checkpoints.load_learned_optimizer(checkpoint)
