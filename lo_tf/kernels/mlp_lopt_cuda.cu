@@ -8,14 +8,17 @@
 // are taken in a fixed order by the thread owning each sum, so results are deterministic.
 //
 // With LO_TF_CUDA_EMULATION defined this file compiles as plain C++ whose kernels run on CPU threads
-// (cuda_emulation.h), so that mlp_lopt_cuda_test.cc can check them where no GPU is.
+// (cuda_emulation.h), so that mlp_lopt_cuda_test.cc can check them where no GPU is;
+// mlp_lopt_cuda_harness.cu runs them on a GPU against the CPU units and times them.
 
 #ifdef LO_TF_CUDA_EMULATION
 #include "cuda_emulation.h"
 #else
 #include <cuda_runtime.h>
+#ifndef LO_TF_LAUNCH  // mlp_lopt_cuda_harness.cu brings its own, which also times each launch
 #define LO_TF_LAUNCH(kernel, blocks, threads, bytes, stream) \
   kernel<<<blocks, threads, bytes, stream>>>
+#endif
 #define LO_TF_SHARED_FLOATS(name) extern __shared__ float name[]
 #endif
 
