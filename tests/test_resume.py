@@ -304,3 +304,40 @@ def test_a_frozen_run_stops_naming_the_cause(tmp_path, setting, fragment):
   if setting == 'learning_rate':
     assert 'OuterLearner.outer_learning_rate=1e-30 is probably too small' in message
     assert 'up to step 3' in message
+
+
+# ------------------------------------------------------------------ an I/O error mid-run
+
+_DISK_FULL = ('{{function_node __wrapped__SaveV2_dtypes_14_device_/job:localhost/replica:0/task:0/'
+              'device:CPU:0}} {dir}/ckpt-2_temp/part-00000-of-00001.data-00000-of-00001.tempstate88'
+              '41452563374350367; No space left on device [Op:SaveV2]')
+
+
+def test_a_full_disk_mid_run_is_a_clean_error_line(tmp_path, monkeypatch, capfd):
+  """The error TensorFlow raises when a checkpoint save hits a full disk, through bin/'s runner:
+  the progress bar ends its line, and the error line names the file and the cause only."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from lo_tf.launch import common  # pylint: disable=g-import-not-at-top
+
+  def full(self, step):
+    raise tf.errors.ResourceExhaustedError(None, None, _DISK_FULL.replace('{dir}', str(tmp_path)))
+
+  monkeypatch.setattr(loop.Checkpoints, 'save', full)
+  monkeypatch.setattr(sys, 'argv', ['bin/train'])
+  trainer = _trainer(tmp_path, steps=4)
+  verbosity = absl_logging.get_verbosity()
+  try:
+    with pytest.raises(SystemExit) as e:
+      common.run(lambda argv: trainer.train())
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  assert e.value.code == 2
+  err = capfd.readouterr().err
+  assert 'outer step' in err  # the progress bar was drawn
+  errors = [l for l in err.splitlines() if 'No space left on device' in l]
+  assert len(errors) == 1 and errors[0] == (
+      f'error: {tmp_path}/ckpt-2_temp/part-00000-of-00001.data-00000-of-00001.tempstate884145256'
+      '3374350367; No space left on device; check that the paths exist and are writable and '
+      'that the disk is not full'), errors
+  assert '{{function_node' not in err and '[Op:' not in err
