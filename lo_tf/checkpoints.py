@@ -283,15 +283,57 @@ def write_checkpoint_index(train_dir, restored):
   """
   if not restored.skipped and restored.index_problem is None:
     return
-  prefixes = list(reversed(restored.older)) + [restored.prefix]
+  _write_index(train_dir, restored.prefix,
+               list(reversed(restored.older)) + [restored.prefix])
+
+
+def _write_index(directory, latest, prefixes):
+  """Writes `directory`'s `checkpoint` index: `prefixes` (oldest first), `latest` the latest."""
   # The manager deletes only checkpoints with a timestamp after last_preserved_timestamp.
   stamps = [os.path.getmtime(p + '.index') if os.path.exists(p + '.index') else time.time()
             for p in prefixes]
   state = tf.compat.v1.train.generate_checkpoint_state_proto(
-      train_dir, os.path.basename(restored.prefix), [os.path.basename(p) for p in prefixes],
+      directory, os.path.basename(latest), [os.path.basename(p) for p in prefixes],
       all_model_checkpoint_timestamps=stamps, last_preserved_timestamp=min(stamps) - 1)
-  io_utils.atomic_write_bytes(os.path.join(train_dir, _INDEX),
+  io_utils.atomic_write_bytes(os.path.join(directory, _INDEX),
                               text_format.MessageToString(state).encode())
+
+
+def tidy_checkpoints(directory, restored, keep):
+  """Leaves `directory` as a `tf.train.CheckpointManager` that saved `restored` last would.
+
+  A kill in the middle of a save can leave checkpoints that no manager will ever delete: one
+  written whose index update never came (the index does not list it), one the index still lists
+  beyond `max_to_keep` when no later save sweeps it (the final save of a run), or files whose
+  digest was never written. After `restore_newest_valid` chose `restored`, the index is rewritten
+  to list it and the `keep - 1` newest older ones; every other older checkpoint (files and digest)
+  is deleted, and a missing digest of `restored` is written. Newer checkpoints that did not verify
+  are left alone (a save of the same step replaces them). Call it while holding the train_dir's
+  `io_utils.DirectoryLock`, before creating the `tf.train.CheckpointManager`.
+
+  Returns:
+    The removed prefixes, newest first.
+  """
+  kept, extra = list(restored.older[:keep - 1]), list(restored.older[keep - 1:])
+  prefixes = list(reversed(kept)) + [restored.prefix]
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except (UnicodeDecodeError, ValueError):
+    state = None
+  if (state is None or state.model_checkpoint_path != restored.prefix or
+      list(state.all_model_checkpoint_paths) != prefixes):
+    _write_index(directory, restored.prefix, prefixes)
+  for prefix in extra:
+    for path in glob.glob(glob.escape(prefix) + '.index') + glob.glob(
+        glob.escape(prefix) + '.data-*') + glob.glob(glob.escape(_digest_path(prefix))):
+      os.remove(path)
+  if extra:
+    logging.info('%s: removed checkpoint(s) left by a kill: %s', directory,
+                 ', '.join(os.path.basename(p) for p in extra))
+  if not os.path.exists(_digest_path(restored.prefix)):
+    write_digest(restored.prefix)
+  remove_stale_digests(directory)
+  return extra
 
 
 def shipped_names():

@@ -180,11 +180,29 @@ def _task_digest(task):
 
 
 class CurveCache:
-  """On-disk cache of `InnerCurves`, one .npz per run, written atomically."""
+  """On-disk cache of `InnerCurves`, one .npz per run, written atomically.
 
-  def __init__(self, directory):
+  Args:
+    directory: where the .npz files go.
+    num_steps, num_evals: the lengths T and E that an entry's per-step and per-evaluation arrays
+      must have (None: not checked). An entry of other lengths is recomputed, never trusted.
+  """
+
+  def __init__(self, directory, num_steps=None, num_evals=None):
     self.directory = io_utils.ensure_writable_dir(directory)
+    self.num_steps, self.num_evals = num_steps, num_evals
     self.hits = self.misses = 0
+
+  def _fits(self, fields):
+    """Whether the arrays of a cache entry have the shapes this cache expects."""
+    lengths = {'train_loss': self.num_steps, 'seconds': self.num_steps}
+    for name in ('eval_steps', 'eval_seconds', 'valid_loss', 'valid_acc', 'train_eval_loss',
+                 'train_eval_acc'):
+      lengths[name] = self.num_evals
+    if any(np.ndim(fields[name]) != 1 or (n is not None and len(fields[name]) != n)
+           for name, n in lengths.items()):
+      return False
+    return all(np.ndim(fields[name]) == 0 for name in ('steps_completed', 'diverged'))
 
   def _path(self, key):
     return os.path.join(self.directory, key + '.npz')
@@ -199,6 +217,9 @@ class CurveCache:
         fields = {f.name: z[f.name] for f in dataclasses.fields(InnerCurves)}
     except Exception:  # pylint: disable=broad-except
       self.misses += 1  # a corrupt cache entry (of any kind) is recomputed, not trusted
+      return None
+    if not self._fits(fields):  # well-formed, but not a run of this length: recomputed too
+      self.misses += 1
       return None
     self.hits += 1
     fields['steps_completed'] = int(fields['steps_completed'])
@@ -248,7 +269,10 @@ class Evaluator:
     self.provenance = provenance
     self.exp = experiment
     self.output_dir = io_utils.ensure_writable_dir(output_dir)
-    self.cache = CurveCache(cache_dir or os.path.join(output_dir, 'cache'))
+    trainer = experiment.trainer
+    self.cache = CurveCache(cache_dir or os.path.join(output_dir, 'cache'),
+                            num_steps=trainer.num_steps,
+                            num_evals=trainer.num_steps // trainer.eval_every + 1)
     self.num_tasks, self.num_inits = num_tasks, num_inits
     self.learned = learned
     self.grid = learning_rate_grid() if grid is None else np.asarray(grid)

@@ -178,6 +178,8 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
     del learning_rate  # always 1.0: the step size is learned
     i = self._get_variable_index(variable)
     n = math.prod(variable.shape)
+    if n == 0:  # nothing to update (the fused op takes positive sizes only)
+      return
     g = tf.reshape(tf.cast(tf.convert_to_tensor(gradient), tf.float32), [1, n])
     w = tf.reshape(tf.cast(variable, tf.float32), [1, n])
     t = tf.reshape(tf.cast(self.iterations, tf.float32), [1])

@@ -152,3 +152,61 @@ def test_speed_benchmark_happy_path(runs):
   assert 'wrote ' in out
   # Atomic write: no temporary files left beside the JSON.
   assert os.listdir(os.path.join(tmp, 'speed')) == ['x.json']
+
+
+# ------------------------------------------------------------------ flag errors of every tool
+
+TOOLS = ('train', 'eval', 'export_optimizer', 'study', 'speed_benchmark')
+HELP_TOOLS = ('train', 'study')  # bin/train's exit path is its own; the others share common.run
+FLAG_CASES = {
+    # name: (tool, flags, substrings the error line must contain)
+    'train_negative_seed': ('train', ['--seed=-1'], ['--seed=-1', 'non-negative']),
+    'train_seed_not_a_number': ('train', ['--seed=abc'], ['--seed=abc']),
+    'train_negative_threads': ('train', ['--intra_op_threads=-1'], ['--intra_op_threads=-1']),
+    **{f'{tool}_unknown_flag': (tool, ['--no_such_flag=1'], ["'no_such_flag'"])
+       for tool in TOOLS},
+}
+
+
+def _run_pooled(commands, width=3):
+  """{name: (returncode, stdout, stderr)} of `commands` ({name: argv}), `width` at a time."""
+  results, pending, running = {}, list(commands.items()), {}
+  while pending or running:
+    while pending and len(running) < width:
+      name, argv = pending.pop(0)
+      running[name] = subprocess.Popen([sys.executable] + argv, cwd=REPO, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL)
+    name = next(iter(running))
+    out, err = running[name].communicate(timeout=240)
+    results[name] = (running.pop(name).returncode, out, err)
+  return results
+
+
+@pytest.fixture(scope='module')
+def flag_runs():
+  commands = {name: [os.path.join(REPO, 'bin', tool), *argv]
+              for name, (tool, argv, _) in FLAG_CASES.items()}
+  commands.update({f'{tool}_help': [os.path.join(REPO, 'bin', tool), '--help']
+                   for tool in HELP_TOOLS})
+  return _run_pooled(commands)
+
+
+@pytest.mark.parametrize('case', sorted(FLAG_CASES))
+def test_every_flag_error_is_one_error_line_with_exit_status_2(flag_runs, case):
+  rc, out, err = flag_runs[case]
+  lines = _error_lines(err)
+  assert rc == 2, (rc, err[-2000:])
+  assert 'Traceback' not in err, err[-2000:]
+  assert len(lines) == 1 and lines[0].startswith('error: '), lines
+  for part in FLAG_CASES[case][2]:
+    assert part in lines[0], (part, lines[0])
+
+
+@pytest.mark.parametrize('tool', HELP_TOOLS)
+def test_help_prints_the_flags_without_a_traceback(flag_runs, tool):
+  rc, out, err = flag_runs[f'{tool}_help']
+  assert rc == 1, (rc, err[-2000:])  # absl's --help exits with status 1
+  assert 'Traceback' not in err and not _error_lines(err), err[-2000:]
+  assert f'bin/{tool}' in out or f'{tool}:' in out, out[:500]
+  assert '--' in out

@@ -419,3 +419,39 @@ def test_example_writes_plot_and_curves(background):
   assert sorted(result['runs']) == ['adam lr=0.001', 'adam lr=0.01', 'learned (run)']
   for run in result['runs'].values():
     assert run['steps'] == [2, 4] and np.all(np.isfinite(run['train_loss']))
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_a_zero_size_variable_is_left_alone_like_keras_adam_does(impl):
+  """Issue 19: the fused op refused sizes of 0 ("sizes must be positive")."""
+  lopt = _fast_family(implementation=impl)
+  theta = _random_theta(lopt)
+  shapes = [(0, 3), (4,), (2, 0)]
+  params, grad_steps = _random_problem(2, 2, shapes)
+  reference = lopt.optimizer(theta)
+  ref_params = [tf.constant(p) for p in params]
+  state = reference.init(ref_params)
+  for grads in grad_steps:  # the learned optimizer's own update, every implementation
+    ref_params, state = reference.update([tf.constant(g) for g in grads], state, ref_params)
+  assert [tuple(p.shape) for p in ref_params] == shapes
+  # Keras: the same updates; Adam takes such a variable too.
+  opt = LearnedOptimizer(theta=theta, lopt=lopt)
+  variables = [keras.Variable(p) for p in params]
+  after = _apply_steps(opt, variables, grad_steps, 'function')[-1]
+  assert [a.shape for a in after] == shapes
+  expected = _family(lambda_exp=0.3, lambda_lin=0.05, implementation='reference')
+  ref_state, ref = expected.optimizer(theta), [tf.constant(p) for p in params]
+  ref_opt_state = ref_state.init(ref)
+  for grads in grad_steps:
+    ref, ref_opt_state = ref_state.update([tf.constant(g) for g in grads], ref_opt_state, ref)
+  np.testing.assert_allclose(after[1], ref[1].numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ref_params[1].numpy(), ref[1].numpy(), rtol=1e-5, atol=1e-7)
+  assert not np.allclose(after[1], params[1])
+  adam_vars = [keras.Variable(p) for p in params]
+  _apply_steps(keras.optimizers.Adam(), adam_vars, grad_steps, 'function')
+  # The core itself takes a size of 0 among the sizes (the fused kernels see positive ones only).
+  g, w = tf.constant(grad_steps[0][1])[None], tf.constant(params[1])[None]
+  zeros = tf.zeros([1, 4, lopt.depth])
+  args = (theta[None], g, w, tf.zeros([1]), zeros, zeros, (0, 4, 0))
+  for got, want in zip(lopt.core(*args), lopt.reference_core(*args)):
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-7)

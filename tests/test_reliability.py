@@ -564,3 +564,69 @@ def test_export_of_several_runs_ships_the_best_by_outer_train_meta_loss(tmp_path
   with pytest.raises(UserError, match='finished train_dirs'):
     export.export_from_flags(runs + [os.path.join(runs[0], 'best', 'ckpt-1')], 'x', 'cmd',
                              out_dir=out)
+
+
+def _export_candidate(tmp_path, name, score, config_file, config_text):
+  run = tmp_path / name
+  _write_train_dir(str(run / 'best'), steps=(1,))
+  io_utils.atomic_write_json(str(run / 'throughput.json'), {'best_meta_eval_score': score})
+  (run / config_file).write_text(config_text)
+  return str(run)
+
+
+@pytest.mark.parametrize('config_file', ['operative_config.gin', 'config.gin'])
+def test_export_refuses_to_rank_runs_of_different_task_distributions(tmp_path, config_file):
+  three = "TaskDistribution.num_classes = 3\nTaskDistribution.train_source = 'digits'\n"
+  four = "TaskDistribution.num_classes = 4\nTaskDistribution.train_source = 'digits'\n"
+  runs = [_export_candidate(tmp_path, 'three_way', 0.9, config_file, three),
+          _export_candidate(tmp_path, 'four_way', 0.4, config_file, four)]
+  out = str(tmp_path / 'pretrained')
+  with pytest.raises(UserError) as e:
+    export.export_from_flags(runs, 'mixed', 'cmd', out_dir=out)
+  message = _one_line(e)
+  assert 'TaskDistribution.num_classes (3 vs 4)' in message and 'not comparable' in message
+  assert not os.path.exists(out)
+  # Runs of one task distribution (the other bindings may differ) are ranked.
+  runs.append(_export_candidate(tmp_path, 'three_way_again', 0.5, config_file,
+                                three + 'OuterLearner.outer_learning_rate = 0.001\n'))
+  meta = json.load(open(export.export_from_flags([runs[0], runs[2]], 'same', 'cmd',
+                                                 out_dir=out)))
+  assert meta['selected'] == runs[2]
+
+
+# ------------------------------------------------------------------ evaluation cache
+
+
+def _curves(num_steps, num_evals):
+  from lo_tf.inner_training import InnerCurves  # pylint: disable=g-import-not-at-top
+  e = np.linspace(1.0, 0.5, num_evals, dtype=np.float32)
+  return InnerCurves(train_loss=np.linspace(1.0, 0.5, num_steps, dtype=np.float32),
+                     seconds=np.arange(1, num_steps + 1, dtype=np.float64),
+                     eval_steps=np.arange(num_evals, dtype=np.int32) * 6,
+                     eval_seconds=np.arange(num_evals, dtype=np.float64), valid_loss=e,
+                     valid_acc=e, train_eval_loss=e, train_eval_acc=e,
+                     steps_completed=num_steps, diverged=False)
+
+
+def test_a_cache_entry_with_arrays_of_the_wrong_length_is_recomputed(tmp_path):
+  """A well-formed .npz of another run length (a baseline came back with 1 step) is a miss."""
+  from lo_tf.evaluation import CurveCache  # pylint: disable=g-import-not-at-top
+  from lo_tf.evaluation import Evaluator  # pylint: disable=g-import-not-at-top
+  from lo_tf.experiment import Experiment  # pylint: disable=g-import-not-at-top
+  from lo_tf.inner_training import InnerTrainer  # pylint: disable=g-import-not-at-top
+  from lo_tf.tasks.distribution import TaskDistribution  # pylint: disable=g-import-not-at-top
+  from lo_tf.tasks.problems import ConvNet  # pylint: disable=g-import-not-at-top
+  cache = CurveCache(str(tmp_path / 'cache'), num_steps=12, num_evals=3)
+  for key, curves in (('good', _curves(12, 3)), ('one_step', _curves(1, 3)),
+                      ('one_eval', _curves(12, 1))):
+    cache.put(key, curves)
+  np.testing.assert_array_equal(cache.get('good').train_loss, _curves(12, 3).train_loss)
+  assert cache.get('one_step') is None and cache.get('one_eval') is None
+  assert (cache.hits, cache.misses) == (1, 2)
+  # The evaluator's cache expects its inner trainer's T and number of evaluations.
+  tasks = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
+  problem = ConvNet(tasks.image_shape, 3, channels=(4,), strides=(2,))
+  experiment = Experiment(tasks, problem, InnerTrainer(problem, num_steps=12, batch_size=8,
+                                                       eval_every=6))
+  evaluator = Evaluator(experiment, str(tmp_path / 'eval'), num_tasks=1, num_inits=1)
+  assert (evaluator.cache.num_steps, evaluator.cache.num_evals) == (12, 3)

@@ -193,6 +193,11 @@ def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto'):
   """
   if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
     return lopt.reference_core(theta, g, w, t, m, v, tuple(sizes))
+  # A zero-size weight tensor contributes no column to g and w, and the kernels take positive
+  # sizes only: leave it out (with none left there is nothing to update).
+  sizes = [int(s) for s in sizes if int(s) > 0]
+  if not sizes:
+    return tf.identity(w), tf.identity(m), tf.identity(v)
   module = _load()['module']
   if module is None:
     raise UserError(f'the fused learned-optimizer op is unavailable: {load_error()}')

@@ -2,6 +2,7 @@
 
 import logging as std_logging
 import os
+import re
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -19,8 +20,20 @@ EXIT_USAGE = 2
 
 
 def _fail(message):
-  print(f'error: {message}', file=sys.stderr)
+  sys.stdout.flush()
+  print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(EXIT_USAGE)
+
+
+def op_error_line(e):
+  """The first line of a TensorFlow OpError's message without the op's decorations.
+
+  An eager op's error reads '{{function_node __wrapped__SaveV2_...}} <what> [Op:SaveV2]'; only
+  <what> (e.g. '<path>; No space left on device') names the problem.
+  """
+  text = re.sub(r'\{\{function_node [^}]*\}\}', '', e.message or '')
+  text = re.sub(r'\s*\[Op:[^\]]*\](\s*name:.*)?$', '', text.strip().split('\n')[0]).strip()
+  return text or type(e).__name__
 
 
 def _parse_flags(argv):
@@ -89,8 +102,8 @@ def run(main):
       try:
         main(argv)
       except tf.errors.OpError as e:  # file-system failures surface as OpErrors from TF's I/O
-        raise UserError(f'{(e.message.strip().splitlines() or [type(e).__name__])[0]}; check '
-                        'that the paths exist and are writable') from None
+        raise UserError(f'{op_error_line(e)}; check that the paths exist and are writable and '
+                        'that the disk is not full') from None
     except UserError as e:
       _fail(str(e).strip().splitlines()[0])
     except OSError as e:

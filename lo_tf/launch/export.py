@@ -3,6 +3,8 @@
 import os
 import platform
 
+from absl import logging
+
 from lo_tf import checkpoints
 from lo_tf import io_utils
 from lo_tf.errors import UserError
@@ -28,6 +30,43 @@ def _candidate(spec):
   return spec, directory, None
 
 
+# What a run's meta-evaluation score measures: its tasks, inner problem and inner training, the
+# number of meta-evaluation tasks and the objective. Runs that differ in one are not ranked.
+_SCORE_BINDINGS = ('TaskDistribution.', 'InnerTrainer.', 'build_experiment.', 'ConvNet.', 'MLP.',
+                   'OuterTrainer.meta_eval_tasks', 'TruncatedStep.objective')
+
+
+def _score_bindings(train_dir):
+  """({binding: value} that define what `train_dir`'s score measures, complete), or (None, _)."""
+  for name, complete in ((loop.RUN_CONFIG, True), ('config.gin', False)):
+    path = os.path.join(train_dir, name)
+    if os.path.exists(path):
+      try:
+        with open(path) as f:
+          bindings = loop.parse_bindings(f.read())
+      except (OSError, UnicodeDecodeError):
+        continue
+      return {k: v for k, v in bindings.items() if k.startswith(_SCORE_BINDINGS)}, complete
+  return None, False
+
+
+def _check_comparable(candidates):
+  """Refuses to rank runs whose meta-evaluation scores measure different things."""
+  records = [(spec, *_score_bindings(directory)) for spec, _, directory, _ in candidates]
+  known = [(spec, b, complete) for spec, b, complete in records if b is not None]
+  if len(known) < len(records):
+    logging.warning('%d of the --checkpoint runs record no configuration: their tasks cannot be '
+                    'compared', len(records) - len(known))
+  for (spec_a, a, full_a), (spec_b, b, full_b) in zip(known, known[1:]):
+    keys = set(a) | set(b) if full_a and full_b else set(a) & set(b)
+    differences = loop.config_differences({k: a[k] for k in keys if k in a},
+                                          {k: b[k] for k in keys if k in b}, ignore=())
+    if differences:
+      raise UserError(f'--checkpoint runs {spec_a} and {spec_b} were outer-trained on different '
+                      f'tasks or inner training: {loop.describe_differences(differences, 3)}; '
+                      'their meta-eval scores are not comparable: rank runs of one configuration')
+
+
 def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_revision=None,
                       overwrite=False, out_dir=checkpoints.PRETRAINED_DIR):
   """`bin/export_optimizer`: picks the best of several runs and ships its θ with its provenance.
@@ -49,7 +88,8 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
 
   Raises:
     UserError: for a bad or existing name (without `overwrite`), several specs that are not all
-      finished train_dirs, a missing or corrupt checkpoint, or an unreadable record.
+      finished train_dirs or that ran on different tasks or inner training (their scores are not
+      comparable), a missing or corrupt checkpoint, or an unreadable record.
   """
   checkpoints.check_export_name(name, out_dir, overwrite)
   if isinstance(checkpoints_specs, str):
@@ -58,6 +98,8 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
   if len(candidates) > 1 and any(score is None for *_, score in candidates):
     raise UserError('several --checkpoint values must all be finished train_dirs (their best θ '
                     'is compared by outer-train meta-loss); pass one checkpoint path alone')
+  if len(candidates) > 1:
+    _check_comparable(candidates)
   spec, theta_spec, directory, score = min(
       candidates, key=lambda c: float('inf') if c[3] is None else c[3])
   meta = {'command': command, 'machine': platform.processor() or platform.machine(),

@@ -301,17 +301,22 @@ class LearnedOptimizer(Optimizer):
 
   def update(self, grads, state, params):
     lead = 1 if self.batched else 0
-    sizes = tuple(math.prod(p.shape[lead:]) for p in params)
-    flat = lambda xs: tf.concat([tf.reshape(x, [-1, math.prod(x.shape[lead:])]) for x in xs], 1)
+    sizes = [math.prod(p.shape[lead:]) for p in params]
+    live = [i for i, n in enumerate(sizes) if n]  # a zero-size tensor has nothing to update
+    if not live:
+      return list(params), MLPLOptState(state.t + 1.0, state.m, state.v)
+    flat = lambda xs: tf.concat([tf.reshape(xs[i], [-1, sizes[i]]) for i in live], 1)
     g, w = flat(grads), flat(params)
     theta, t, m, v = self.theta, state.t, state.m, state.v
     if not self.batched:
       theta, t, m, v = theta[None], t[None], m[None], v[None]
-    new_w, m, v = self.family.core(theta, g, w, t, m, v, sizes)
+    new_w, m, v = self.family.core(theta, g, w, t, m, v, tuple(sizes[i] for i in live))
     if not self.batched:
       new_w, m, v = new_w[0], m[0], v[0]
-    pieces = tf.split(new_w, list(sizes), axis=-1)
-    new_params = [tf.reshape(x, p.shape) for x, p in zip(pieces, params)]
+    pieces = tf.split(new_w, [sizes[i] for i in live], axis=-1)
+    new_params = list(params)
+    for i, x in zip(live, pieces):
+      new_params[i] = tf.reshape(x, params[i].shape)
     return new_params, MLPLOptState(state.t + 1.0, m, v)
 
 

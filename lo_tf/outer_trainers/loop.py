@@ -10,7 +10,17 @@ the throughput record.
 A run is a pure function of its configuration and seed: the estimator's randomness at outer step i
 is seeded by (seed, i), and the checkpoint holds θ, Adam's slots, the outer step (hence the
 curriculum position) and every worker's inner state, so a resumed run continues exactly where the
-killed one was.
+killed one was. Everything a step saves is a function of the outer step alone: at step i the
+summaries are written, then the meta-evaluation runs when it is due (i = 0 on a fresh start, every
+`meta_eval_every` steps, and at `num_outer_steps`) and may save `best/`, and only then is the
+checkpoint of step i saved. A run resumed from ckpt-i therefore never repeats the meta-evaluation
+of step i, and a kill at any moment costs the replay of some steps, after which the run saves
+exactly what an uninterrupted one saves. A rerun of a finished run completes what a kill or a full
+disk left undone after the last checkpoint (throughput.json, outer_training.png, temporary
+directories).
+
+The run's whole operative gin configuration is recorded in `operative_config.gin` and compared on
+resume: a run resumed with another one is refused, except for the bindings in `RESUMABLE`.
 """
 
 import math
@@ -46,6 +56,23 @@ THROUGHPUT = 'throughput.json'
 THETA_INIT = 'theta_init.json'
 BEST = 'best'
 OUTER_TRAINING_PNG = 'outer_training.png'
+RUN_CONFIG = 'operative_config.gin'
+META_EVAL_LOG = 'meta_eval.json'
+
+# Bindings that may change when a run is resumed: none changes θ, best/, best_score, the meta-eval
+# log or a summary of the steps both runs share (num_outer_steps extends or ends a run; the others
+# only decide which checkpoints are kept).
+RESUMABLE = ('OuterTrainer.num_outer_steps', 'OuterTrainer.checkpoint_every',
+             'OuterTrainer.keep_checkpoints')
+
+# Sane ranges (warned about outside) and absurd ones (refused): the paper's outer learning rates
+# are 3e-3 and 3e-4 (App. C.3), its σ 0.01 to 0.1.
+OUTER_LEARNING_RATE_SANE, OUTER_LEARNING_RATE_LIMITS = (1e-5, 3e-2), (1e-8, 1.0)
+SIGMA_SANE, SIGMA_LIMITS = (1e-3, 1.0), (1e-6, 100.0)
+# θ "moves measurably" in a step when ||Δθ|| exceeds this fraction of max(||θ||, 1).
+MIN_RELATIVE_CHANGE = 1e-10
+# A θ with an element beyond this has blown up (θ's initialization is O(1)).
+THETA_BLOWN = 1e6
 
 
 def git_revision():
@@ -57,6 +84,77 @@ def git_revision():
     return 'unknown'
 
 
+def parse_bindings(text):
+  """{binding: value text} of a gin config string (as `gin.operative_config_str()` writes it).
+
+  Comments, blank lines and imports are skipped; a value continued on indented lines (gin's
+  `key = \\` form) is joined with single spaces.
+  """
+  bindings, key = {}, None
+  for line in text.splitlines():
+    stripped = line.strip()
+    if not stripped or stripped.startswith('#'):
+      continue
+    if line[0].isspace() and key is not None:  # a continuation line
+      bindings[key] = (bindings[key] + ' ' + stripped).strip()
+      continue
+    if ' = ' not in line or stripped.startswith(('import ', 'from ')):
+      key = None
+      continue
+    key, value = line.split(' = ', 1)
+    key, value = key.strip(), value.strip()
+    bindings[key] = '' if value == '\\' else value
+  return bindings
+
+
+def run_config_text(values):
+  """The run's operative configuration as gin text: gin's operative config (every parameter of
+  every configurable called so far, defaults included) updated by `values` ({binding: value}: what
+  a caller passed explicitly, which gin does not record)."""
+  bindings = parse_bindings(gin.operative_config_str())
+  bindings.update({k: repr(v) for k, v in values.items()})
+  return ''.join(f'{k} = {v}\n' for k, v in sorted(bindings.items()))
+
+
+def config_differences(saved, current, ignore=RESUMABLE):
+  """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out."""
+  return [(k, saved.get(k, '(unset)'), current.get(k, '(unset)'))
+          for k in sorted(set(saved) | set(current))
+          if k not in ignore and saved.get(k) != current.get(k)]
+
+
+def describe_differences(differences, limit=4, width=40):
+  """One short phrase naming the differing bindings: 'A (x vs y), B (u vs v) and 3 more'."""
+  clip = lambda v: v if len(v) <= width else v[:width - 3] + '...'
+  parts = [f'{k} ({clip(a)} vs {clip(b)})' for k, a, b in differences[:limit]]
+  more = len(differences) - limit
+  return ', '.join(parts) + (f' and {more} more' if more > 0 else '')
+
+
+# How a lopt.json entry is named in a refusal: the binding that sets it.
+_METADATA_BINDINGS = {'lopt': 'MLPLOpt', 'objective': 'TruncatedStep.objective',
+                      'estimator': 'MergedEstimator.estimator',
+                      'num_meta_params': 'the number of meta-parameters (MLPLOpt)',
+                      'num_inner_params': 'the inner problem (its parameter count)',
+                      'num_workers': 'OuterTrainer.num_workers',
+                      'num_inner_steps': 'InnerTrainer.num_steps',
+                      'sample_source': 'the sample source (--cluster)'}
+
+
+def _metadata_difference(saved, current):
+  """'<binding> (<saved> vs <current>)' of the first lopt.json entry that differs, or None."""
+  for key in current:
+    a, b = saved.get(key), current[key]
+    if a == b:
+      continue
+    name = _METADATA_BINDINGS.get(key, key)
+    if isinstance(a, dict) and isinstance(b, dict):  # name the entry, not the two dicts
+      sub = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+      return f'{name}.{sub} ({a.get(sub)!r} vs {b.get(sub)!r})'
+    return f'{name} ({a!r} vs {b!r})'
+  return None
+
+
 class Checkpoints:
   """The run's checkpoints in train_dir and the best θ by meta-evaluation in train_dir/best.
 
@@ -66,10 +164,13 @@ class Checkpoints:
     metadata: JSON-able description of the configuration; a resume with a different one is
       refused (`lopt.json`, also written beside the best θ so it loads on its own).
     keep: checkpoints kept.
+    run_config: the run's operative configuration (`run_config_text`), recorded as
+      `operative_config.gin`; a resume whose configuration differs outside `RESUMABLE` is refused.
   """
 
-  def __init__(self, train_dir, trackables, metadata, keep):
+  def __init__(self, train_dir, trackables, metadata, keep, run_config=None):
     self.train_dir, self.metadata, self.keep = train_dir, metadata, keep
+    self.run_config = run_config
     self.checkpoint = tf.train.Checkpoint(**trackables)
     self._best = tf.train.Checkpoint(theta=trackables['theta'], step=trackables['step'])
     self.best_dir = os.path.join(train_dir, BEST)
@@ -95,28 +196,61 @@ class Checkpoints:
       if not os.path.exists(config_path):
         raise UserError(f'--train_dir {self.train_dir} holds checkpoints but no {LOPT_CONFIG}; it '
                         'was not written by bin/train: use a fresh --train_dir')
+      self._check_run_config()
       saved = io_utils.read_json(config_path, dict, 'run configuration',
                                  'restore it from a backup or use a fresh --train_dir')
-      mismatch = [k for k in self.metadata if saved.get(k) != self.metadata[k]]
-      if mismatch:
+      difference = _metadata_difference(saved, self.metadata)
+      if difference:
         raise UserError(f'--train_dir {self.train_dir} holds a run with a different '
-                        f'{mismatch[0]} ({saved.get(mismatch[0])!r} vs '
-                        f'{self.metadata[mismatch[0]]!r}); use a fresh --train_dir or the same '
-                        'configuration')
+                        f'{difference}; use a fresh --train_dir or the same configuration')
+    if os.path.isdir(self.best_dir):  # best/ is saved through a manager too
+      checkpoints.remove_temp_dirs(self.best_dir)
+      try:
+        best = checkpoints.restore_newest_valid(self.best_dir)
+      except UserError:  # none verifies: the next best save replaces them
+        best = None
+      if best is not None:
+        checkpoints.tidy_checkpoints(self.best_dir, best, keep=1)
     restored = checkpoints.restore_newest_valid(self.train_dir, self.checkpoint)
     if restored is not None:
-      checkpoints.write_checkpoint_index(self.train_dir, restored)
+      checkpoints.tidy_checkpoints(self.train_dir, restored, self.keep)
       logging.info('resumed from %s', restored.prefix)
     self.manager = tf.train.CheckpointManager(self.checkpoint, self.train_dir,
                                               max_to_keep=self.keep)
     self._best_manager = tf.train.CheckpointManager(self._best, self.best_dir, max_to_keep=1)
     return None if restored is None else int(self.checkpoint.step)
 
+  def _check_run_config(self):
+    """Refuses a resume whose operative configuration differs from the recorded one."""
+    path = os.path.join(self.train_dir, RUN_CONFIG)
+    if self.run_config is None:
+      return
+    if not os.path.exists(path):  # written by an older lo_tf: lopt.json alone is compared
+      logging.warning('%s has no %s (an older lo_tf wrote it): only lopt.json is compared on this '
+                      'resume', self.train_dir, RUN_CONFIG)
+      return
+    try:
+      with open(path) as f:
+        saved = parse_bindings(f.read())
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f'{path} cannot be read ({e}); restore it from a backup or use a fresh '
+                      '--train_dir') from None
+    differences = config_differences(saved, parse_bindings(self.run_config))
+    if differences:
+      resumable = ', '.join(k.split('.', 1)[1] for k in RESUMABLE)
+      raise UserError(f'--train_dir {self.train_dir} holds a run of another configuration (saved '
+                      f'vs now): {describe_differences(differences)}; use the same configuration '
+                      f'or a fresh --train_dir (only OuterTrainer.{{{resumable}}} may change)')
+
   def write_metadata(self):
-    """Writes lopt.json into the run and best directories (after the lock and the checks)."""
+    """Writes lopt.json into the run and best directories and the operative configuration into
+    the run's (after the lock and the checks)."""
     for directory in (self.train_dir, self.best_dir):
       io_utils.ensure_writable_dir(directory)
       io_utils.atomic_write_json(os.path.join(directory, LOPT_CONFIG), self.metadata)
+    if self.run_config is not None:
+      io_utils.atomic_write_bytes(os.path.join(self.train_dir, RUN_CONFIG),
+                                  self.run_config.encode())
 
   def save(self, step):
     """Saves every trackable as ckpt-<step>, with its digest."""
@@ -191,8 +325,10 @@ class OuterTrainer:
     meta_eval_tasks: tasks per split of the meta-evaluation.
     meta_eval_outer_test: also meta-evaluate outer-test tasks (reported, never used to select;
       off in recipes that choose on outer-valid and keep outer-test for the final numbers).
-    max_unusable_steps: stop with an error after this many consecutive outer steps in which θ did
-      not change (no finite sample, or a rejected non-finite update).
+    max_unusable_steps: stop with an error (naming the likely cause) after this many consecutive
+      outer steps in which θ did not move measurably: no finite sample, a rejected non-finite
+      update, a zero merged gradient, or a change below `MIN_RELATIVE_CHANGE`. Checkpoints are
+      not saved during such a streak, so one from before a blow-up stays.
     seed: seeds θ's initialization and every outer step's randomness.
     family: the learned optimizer family (default: gin-configured `MLPLOpt()`).
     theta_init: chooses θ at outer step 0 of a fresh run (default: gin-configured `ThetaInit()`);
@@ -245,8 +381,31 @@ class OuterTrainer:
                      **self.samples.metadata()}
     trackables = dict(self.learner.trackables(), step=self.step, wall_seconds=self.wall_seconds,
                       best_score=self.best_score, **self.samples.trackables())
-    self.checkpoints = Checkpoints(train_dir, trackables, self.metadata, keep_checkpoints)
+    own = dict(num_workers=num_workers, num_outer_steps=num_outer_steps,
+               checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+               meta_eval_every=meta_eval_every, meta_eval_tasks=meta_eval_tasks,
+               max_unusable_steps=max_unusable_steps, seed=self.seed)
+    values = {f'OuterTrainer.{k}': v for k, v in own.items()}
+    values.update({f'{type(self.family).__name__}.{k}': v
+                   for k, v in self.family.config().items()})
+    self.run_config = run_config_text(values)
+    self.checkpoints = Checkpoints(train_dir, trackables, self.metadata, keep_checkpoints,
+                                   self.run_config)
     self.summaries = None
+    self._check_sane()
+
+  def _check_sane(self):
+    """Refuses an absurd outer learning rate or σ and warns about one outside the sane range."""
+    for name, value, sane, limits in (
+        ('OuterLearner.outer_learning_rate', self.learner.learning_rate,
+         OUTER_LEARNING_RATE_SANE, OUTER_LEARNING_RATE_LIMITS),
+        ('MergedEstimator.sigma', self.estimator.sigma, SIGMA_SANE, SIGMA_LIMITS)):
+      if not limits[0] <= value <= limits[1]:
+        raise UserError(f'{name}={value:g} is absurd: the sane range is {sane[0]:g} to '
+                        f'{sane[1]:g}, and values outside {limits[0]:g} to {limits[1]:g} are '
+                        'refused; fix the gin binding')
+      if not sane[0] <= value <= sane[1]:
+        logging.warning('%s=%g is outside the sane range %g to %g', name, value, *sane)
 
   @property
   def theta(self):
@@ -274,9 +433,13 @@ class OuterTrainer:
                   **source_stats)
     return result
 
-  def _meta_evaluate(self, step):
+  def _meta_evaluate(self, step, log):
+    """Meta-evaluates θ at `step`: summaries, the meta-eval log, best/ when it is the best."""
     result = self.meta_eval(self.theta)
     self.summaries.write(step, result, prefix='meta_eval/')
+    log[step] = result
+    io_utils.atomic_write_json(os.path.join(self.train_dir, META_EVAL_LOG),
+                               {str(k): v for k, v in sorted(log.items())})
     logging.info('meta-eval at outer step %d: %s', step,
                  '  '.join(f'{k} {v:.4f}' for k, v in result.items()))
     if result['selection_score'] < float(self.best_score):
@@ -284,8 +447,34 @@ class OuterTrainer:
       self.checkpoints.save_best(step)
     return result
 
+  def _meta_eval_due(self, step):
+    return step % self.meta_eval_every == 0 or step == self.num_outer_steps
+
+  def _read_meta_eval_log(self, before):
+    """{step: result} of the meta-eval log for the steps < `before` (later ones are replayed)."""
+    path = os.path.join(self.train_dir, META_EVAL_LOG)
+    if not os.path.exists(path):
+      return {}
+    saved = io_utils.read_json(path, dict, 'meta-evaluation log',
+                               f'delete it (its entries are then missing from {THROUGHPUT})')
+    return {int(k): v for k, v in saved.items() if k.isdigit() and int(k) < before}
+
+  def _finished(self, step):
+    """Whether the final outputs of a run at `step` are all there (throughput and plot)."""
+    path = os.path.join(self.train_dir, THROUGHPUT)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(self.train_dir,
+                                                                   OUTER_TRAINING_PNG)):
+      return False
+    try:
+      return io_utils.read_json(path, dict, 'throughput record').get('outer_steps') == step
+    except UserError:  # damaged: rewrite it
+      return False
+
   def train(self, config_str=None):
     """Outer-trains up to `num_outer_steps`, resuming from train_dir. Returns the throughput dict.
+
+    A rerun of a finished run whose final outputs are missing (a kill or a full disk after the
+    last checkpoint) writes them.
 
     Args:
       config_str: the gin configuration text, saved as train_dir/config.gin once the lock is held
@@ -293,23 +482,23 @@ class OuterTrainer:
 
     Returns:
       The throughput record also written to throughput.json, or None when the run had already
-      reached `num_outer_steps`.
+      reached `num_outer_steps` and written its final outputs.
 
     Raises:
       UserError: another process uses train_dir, a checkpoint of another configuration or none
-        readable, or `max_unusable_steps` consecutive steps without an update (the last good
-        checkpoint stays).
+        readable, or `max_unusable_steps` consecutive steps in which θ did not move measurably
+        (the error names the likely cause and the last checkpoint from before the streak).
     """
     io_utils.ensure_writable_dir(self.train_dir)
     with io_utils.DirectoryLock(self.train_dir):
-      if self.checkpoints.restore() is None:
+      restored = self.checkpoints.restore()
+      if restored is None:
         self._initialize_theta()
       self.checkpoints.write_metadata()
       if config_str is not None:
         io_utils.atomic_write_bytes(os.path.join(self.train_dir, 'config.gin'),
                                     config_str.encode())
-      self.summaries = Summaries(os.path.join(self.train_dir, 'summaries'), int(self.step) + 1)
-      return self._train()
+      return self._train(fresh=restored is None)
 
   def _initialize_theta(self):
     """θ0 of a fresh run by `theta_init`, recorded in train_dir/theta_init.json."""
@@ -318,59 +507,154 @@ class OuterTrainer:
     logging.info('θ init: %s', record)
     io_utils.atomic_write_json(os.path.join(self.train_dir, THETA_INIT), record)
 
-  def _train(self):
+  def _train(self, fresh):
     first = int(self.step)
-    revision = git_revision()
-    if first >= self.num_outer_steps:
+    # The first step this run writes: 0 (the first meta-evaluation) on a fresh start, else the
+    # step after the checkpoint. What a killed run wrote from there on is replayed.
+    start = 0 if fresh else first + 1
+    log = self._read_meta_eval_log(start)
+    timing = {'unrolled': 0, 'seconds': 0.0, 'steps': 0}
+    run_start = time.perf_counter()
+    if first < self.num_outer_steps:
+      self._train_steps(first, fresh, start, log, timing)
+    elif self._finished(first):
       logging.info('already trained for %d outer steps', first)
       return None
-    meta_evals = [self._meta_evaluate(first)]
-    unrolled, estimate_seconds, unusable = 0, 0.0, 0
-    run_start = time.perf_counter()
-    bar = tqdm.tqdm(total=self.num_outer_steps, initial=first, unit='outer step',
-                    file=sys.stderr, mininterval=5.0, dynamic_ncols=True)
-    while int(self.step) < self.num_outer_steps:
-      t0 = time.perf_counter()
-      stats = self.outer_step()
-      seconds = time.perf_counter() - t0
-      step = int(self.step)
-      if step > first + 1:  # the first step of a run includes tracing
-        unrolled += stats['unrolled_steps']
-        estimate_seconds += seconds
-      self.summaries.write(step, dict(stats, seconds_per_outer_step=seconds))
-      unusable = 0 if stats['applied'] else unusable + 1
-      if unusable >= self.max_unusable_steps:
-        self.summaries.flush()
-        raise UserError(f'{unusable} consecutive outer steps without a usable update (no finite '
-                        f'sample, or a non-finite step rejected) up to step {step}; lower '
-                        'OuterLearner.outer_learning_rate or MergedEstimator.sigma. The last good '
-                        f'checkpoint is {self.checkpoints.latest}')
-      if step % self.checkpoint_every == 0 or step == self.num_outer_steps:
-        self.checkpoints.save(step)
-      if step % self.meta_eval_every == 0 or step == self.num_outer_steps:
-        meta_evals.append(self._meta_evaluate(step))
-      self.wall_seconds.assign_add(time.perf_counter() - t0)
-      bar.set_postfix_str(f'L {stats["outer_loss"]:.3f} k {stats["unroll_length"]:.0f} '
-                          f'rp-weight {stats["rp_weight"]:.2f} '
-                          f'{unrolled / max(estimate_seconds, 1e-9):.0f} unrolled steps/s',
-                          refresh=False)
-      bar.update(1)
-    bar.close()
-    self.summaries.flush()
+    else:
+      logging.info('trained for %d outer steps; writing the final outputs', first)
     if self.checkpoints.latest is None:
       self.checkpoints.save(int(self.step))
+    return self._write_outputs(first, log, timing, run_start)
+
+  def _train_steps(self, first, fresh, start, log, timing):
+    """The outer steps from `first` to `num_outer_steps`, with summaries, meta-evals, saves."""
+    self.summaries = Summaries(os.path.join(self.train_dir, 'summaries'), start)
+    if fresh:
+      self._meta_evaluate(first, log)
+    stall = _Stall(self)
+    bar = tqdm.tqdm(total=self.num_outer_steps, initial=first, unit='outer step',
+                    file=sys.stderr, mininterval=5.0, dynamic_ncols=True)
+    try:
+      while int(self.step) < self.num_outer_steps:
+        t0 = time.perf_counter()
+        before = self.theta.numpy()
+        stats = self.outer_step()
+        seconds = time.perf_counter() - t0
+        step = int(self.step)
+        if step > first + 1:  # the first step of a run includes tracing
+          timing['unrolled'] += stats['unrolled_steps']
+          timing['seconds'] += seconds
+          timing['steps'] += 1
+        self.summaries.write(step, dict(stats, seconds_per_outer_step=seconds))
+        stall.update(step, stats, before, self.theta.numpy())  # raises after too many
+        if self._meta_eval_due(step):
+          self._meta_evaluate(step, log)
+        # No checkpoint during a streak: the last one from before a blow-up stays.
+        if ((step % self.checkpoint_every == 0 and not stall.steps) or
+            step == self.num_outer_steps):
+          self.checkpoints.save(step)
+        self.wall_seconds.assign_add(time.perf_counter() - t0)
+        bar.set_postfix_str(f'L {stats["outer_loss"]:.3f} k {stats["unroll_length"]:.0f} '
+                            f'rp-weight {stats["rp_weight"]:.2f} '
+                            f'{timing["unrolled"] / max(timing["seconds"], 1e-9):.0f} unrolled '
+                            'steps/s', refresh=False)
+        bar.update(1)
+    finally:  # an error message then starts on a line of its own
+      bar.close()
+      self.summaries.flush()
+
+  def _write_outputs(self, first, log, timing, run_start):
+    """throughput.json and outer_training.png; returns the throughput record."""
+    steps = sorted(log)
     result = {'outer_steps': int(self.step), 'outer_steps_this_run': int(self.step) - first,
               'wall_seconds_this_run': time.perf_counter() - run_start,
-              'wall_seconds_total': float(self.wall_seconds), 'git_revision': revision,
+              'wall_seconds_total': float(self.wall_seconds), 'git_revision': git_revision(),
               'machine': platform.processor() or platform.machine(),
-              'cpu_count': os.cpu_count(), 'meta_eval_first': meta_evals[0],
-              'meta_eval_last': meta_evals[-1], 'best_meta_eval_score': float(self.best_score),
+              'cpu_count': os.cpu_count(),
+              'meta_eval_first': log[steps[0]] if steps else None,
+              'meta_eval_last': log[steps[-1]] if steps else None,
+              'best_meta_eval_score': float(self.best_score),
               'implementation': getattr(self.family, 'implementation', None)}
-    if unrolled:
-      result.update(unrolled_steps_per_sec=unrolled / estimate_seconds,
-                    samples_per_minute=60.0 * self.num_workers * (int(self.step) - first - 1) /
-                    estimate_seconds)
+    if timing['steps']:
+      result.update(unrolled_steps_per_sec=timing['unrolled'] / timing['seconds'],
+                    samples_per_minute=60.0 * self.num_workers * timing['steps'] /
+                    timing['seconds'])
     io_utils.atomic_write_json(os.path.join(self.train_dir, THROUGHPUT), result)
     plotting.outer_training(os.path.join(self.train_dir, 'summaries'),
                             os.path.join(self.train_dir, OUTER_TRAINING_PNG))
     return result
+
+
+class _Stall:
+  """Counts consecutive outer steps in which θ did not move measurably; raises after too many.
+
+  Kinds of stalled step: 'no sample' (no finite sample), 'rejected' (the update would have made θ
+  non-finite), 'zero gradient' and 'tiny' (θ changed by less than `MIN_RELATIVE_CHANGE`).
+  """
+
+  def __init__(self, trainer):
+    self.trainer = trainer
+    self.steps = []  # (step, kind, relative change) of the current streak
+
+  def update(self, step, stats, before, after):
+    change = float(np.linalg.norm(after.astype(np.float64) - before)) / max(
+        float(np.linalg.norm(before.astype(np.float64))), 1.0)
+    if stats['num_used'] == 0:
+      kind = 'no sample'
+    elif not stats['applied']:
+      kind = 'rejected'
+    elif stats['grad_norm'] == 0:
+      kind = 'zero gradient'
+    elif change <= MIN_RELATIVE_CHANGE:
+      kind = 'tiny'
+    else:
+      self.steps = []
+      return
+    self.steps.append((step, kind, change))
+    if len(self.steps) >= self.trainer.max_unusable_steps:
+      self.trainer.summaries.flush()
+      raise UserError(self._message(step))
+
+  def _message(self, step):
+    t = self.trainer
+    n, kinds = len(self.steps), {kind for _, kind, _ in self.steps}
+    lr = f'OuterLearner.outer_learning_rate={float(t.learner.optimizer.learning_rate):g}'
+    sigma = f'MergedEstimator.sigma={t.estimator.sigma:g}'
+    lr_range = '{:g} to {:g}'.format(*OUTER_LEARNING_RATE_SANE)
+    sigma_range = '{:g} to {:g}'.format(*SIGMA_SANE)
+    size = float(np.max(np.abs(t.theta.numpy())))
+    if kinds & {'no sample', 'rejected'}:
+      what = 'no usable update (every sample non-finite, or a non-finite step rejected)'
+      if size > THETA_BLOWN:
+        cause = f'θ blew up (max |θ| {size:.1e}): {lr} is probably too large (sane: {lr_range})'
+        # θ after step b-1 made step b's samples unusable: a checkpoint from step b-2 or earlier
+        # is the last whose θ is known to be good.
+        good = self._last_checkpoint(self.steps[0][0] - 2)
+        where = (f'the last good checkpoint is {good}' if good else
+                 'no kept checkpoint predates the blow-up')
+      elif 'rejected' in kinds:
+        cause = f'the update would make θ non-finite: {lr} is probably too large (sane: {lr_range})'
+        good = self._last_checkpoint(step)
+        where = f'the last checkpoint is {good}' if good else 'no checkpoint was kept'
+      else:
+        cause = (f'θ is moderate (max |θ| {size:.2g}), the perturbations are not: {sigma} is '
+                 f'probably too large (sane: {sigma_range})')
+        good = self._last_checkpoint(step)
+        where = f'the last checkpoint is {good}' if good else 'no checkpoint was kept'
+    else:
+      if kinds == {'zero gradient'}:
+        what, cause = 'a zero merged gradient', f'{sigma} is probably too large (sane: {sigma_range})'
+      else:
+        biggest = max(change for *_, change in self.steps)
+        what = f'θ moving by at most {biggest:.1e} of its norm'
+        cause = f'{lr} is probably too small (sane: {lr_range})'
+      good = self._last_checkpoint(step)
+      where = f'the last checkpoint is {good}' if good else 'no checkpoint was kept'
+    return (f'{n} consecutive outer steps with {what}, up to step {step}: {cause}; {where}; '
+            'start a fresh --train_dir with a saner value')
+
+  def _last_checkpoint(self, step):
+    kept = [p for p in (self.trainer.checkpoints.manager.checkpoints
+                        if self.trainer.checkpoints.manager else [])
+            if int(p.rsplit('-', 1)[1]) <= step]
+    return kept[-1] if kept else None
