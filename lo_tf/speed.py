@@ -7,10 +7,16 @@ slow drifts of a shared machine hit every optimizer alike. The learned optimizer
 `MLPLOpt(implementation='auto')` ('learned'), or pinned to one implementation of its step
 ('learned_xla', 'learned_custom_op'), so that implementations compare within one process.
 
+With `problem=` (`bin/speed_benchmark --gin_file=...`: an experiment's own inner problem, batch
+size and image shape) the same loop trains that problem instead, and 'sgd_packed' (plain SGD
+behind the learned optimizer's flatten/concatenate/split of all tensors) separates that packing's
+cost from the fused step's in the learned optimizer's time.
+
 `core_benchmark` times the learned-optimizer step alone (forward, and forward + backward as in
 outer training) for M trajectories at once, per implementation, alternated the same way.
 """
 
+import math
 import platform
 import time
 
@@ -44,7 +50,7 @@ def optimizer_families(learned=None):
   """{name: (family, opt_params)} benchmarked: plain SGD, Adam and the learned optimizer.
 
   'learned' is `MLPLOpt` with implementation 'auto'; 'learned_xla' and (where the fused op is
-  available) 'learned_custom_op' pin its step's implementation.
+  available) 'learned_custom_op' pin its step's implementation; 'sgd_packed' is `PackedSGD`.
 
   Args:
     learned: (family, theta) for 'learned'; default: `MLPLOpt` at a random θ (the cost of a step
@@ -52,10 +58,31 @@ def optimizer_families(learned=None):
   """
   theta = MLPLOpt().init_theta(tf.constant([0, 0]))
   families = {'sgd': (_sgd, tf.constant(1e-3)), 'adam': (Adam, tf.constant(1e-3)),
+              'sgd_packed': (PackedSGD, tf.constant(1e-3)),
               'learned': learned or (MLPLOpt().optimizer, theta)}
   for impl in _implementations():
     families[f'learned_{impl}'] = (MLPLOpt(implementation=impl).optimizer, theta)
   return families
+
+
+class PackedSGD(SGDMomentum):
+  """Plain SGD routed through `LearnedOptimizer.update`'s packing: every tensor flattened and
+  concatenated into one [1, N] row, the step taken on the row, split and reshaped back. Its time
+  minus plain SGD's is what the packing costs a learned step (the fused op's own cost is the rest).
+  """
+
+  def __init__(self, learning_rate):
+    super().__init__(learning_rate, momentum=0.0)
+
+  def init(self, params):
+    return tf.zeros([])
+
+  def update(self, grads, state, params):
+    sizes = [math.prod(p.shape) for p in params]
+    flat = lambda xs: tf.concat([tf.reshape(x, [1, n]) for x, n in zip(xs, sizes)], 1)
+    new_w = flat(params) - self.learning_rate * flat(grads)
+    pieces = tf.split(new_w, sizes, axis=-1)
+    return [tf.reshape(x, p.shape) for x, p in zip(pieces, params)], state
 
 
 def make_train_loop(problem, family, batch_size, steps):
@@ -78,26 +105,29 @@ def make_train_loop(problem, family, batch_size, steps):
 
 
 def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100, repeats=5,
-              device='cpu', names=('sgd', 'adam', 'learned')):
+              device='cpu', names=('sgd', 'adam', 'learned'), problem=None):
   """Measures batches/s of each optimizer training the paper's 3-layer CNN (App. C.2, App. F).
 
   Args:
     batch_size: images per batch.
-    image_size: (H, W, C) of the random images.
-    num_classes: logits of the CNN.
+    image_size: (H, W, C) of the random images (ignored with `problem`: its input shape).
+    num_classes: logits of the CNN (ignored with `problem`).
     steps: inner steps per timed run.
     repeats: timed runs per optimizer (the median is reported).
     device: 'cpu' or 'gpu'.
     names: optimizers to run, from `optimizer_families()`.
+    problem: the `Problem` to train (default: `ConvNet(image_size, num_classes)`, the paper's).
 
   Returns:
-    {"device", "machine", "batch_size", "image_size", "steps", "learned_implementation" (what
+    {"device", "machine", "problem" (class name and number of weights per tensor), "batch_size",
+    "image_size", "steps", "learned_implementation" (what
     'learned' runs: `MLPLOpt().implementation`), "kernel" (`lo_tf.kernels.ops.describe()`),
     "results": {name: {"batches_per_sec_median", "runs", "batches_per_cpu_sec_median",
     "cpu_runs"}}, "ratios": {"a/b": ...}, "cpu_ratios"}; "runs" lists every run's batches/s in
     order, "cpu_runs" its batches per second of this process's CPU time (all threads), which other
-    processes on a shared machine disturb less; ratios are adam/sgd and each learned optimizer over
-    adam and sgd, of the wall-clock and of the CPU-time medians.
+    processes on a shared machine disturb less; ratios are adam/sgd, sgd_packed/sgd and each
+    learned optimizer over adam and sgd (and over sgd_packed when run), of the wall-clock and of
+    the CPU-time medians.
 
   Raises:
     UserError: for non-positive sizes, an unknown device or optimizer, or no GPU for 'gpu'.
@@ -105,6 +135,8 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
   for label, value in (('batch_size', batch_size), ('steps', steps), ('repeats', repeats)):
     if value < 1:
       raise UserError(f'{label}={value} must be a positive integer')
+  if problem is not None:
+    image_size, num_classes = problem.input_shape, problem.num_classes
   if len(image_size) != 3 or min(image_size) < 1:
     raise UserError(f'image_size={image_size} must be three positive sizes H,W,C')
   if device not in ('cpu', 'gpu'):
@@ -118,7 +150,7 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
   unknown = set(names) - set(families)
   if unknown:
     raise UserError(f'unknown optimizers {sorted(unknown)}; choose from {sorted(families)}')
-  problem = ConvNet(image_size, num_classes)
+  problem = problem or ConvNet(image_size, num_classes)
   with tf.device('/GPU:0' if device == 'gpu' else '/CPU:0'):
     x = tf.random.stateless_normal((batch_size,) + tuple(image_size), [1, 2])
     y = tf.random.stateless_uniform([batch_size], [3, 4], 0, num_classes, tf.int32)
@@ -140,11 +172,13 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
   results = {n: {'batches_per_sec_median': float(np.median(runs[n])), 'runs': runs[n],
                  'batches_per_cpu_sec_median': float(np.median(cpu_runs[n])),
                  'cpu_runs': cpu_runs[n]} for n in names}
-  pairs = [('adam', 'sgd')] + [(n, b) for n in names if n.startswith('learned') for b in
-                                ('adam', 'sgd')]
+  pairs = [('adam', 'sgd'), ('sgd_packed', 'sgd')] + [
+      (n, b) for n in names if n.startswith('learned') for b in ('adam', 'sgd', 'sgd_packed')]
   pairs = [(a, b) for a, b in pairs if a in results and b in results]
   ratio = lambda key: {f'{a}/{b}': results[a][key] / results[b][key] for a, b in pairs}
+  sizes = [math.prod(shape) for shape, _, _ in problem.param_shapes()]
   return {'device': device, 'machine': platform.processor() or platform.machine(),
+          'problem': {'name': type(problem).__name__, 'sizes': sizes},
           'batch_size': batch_size, 'image_size': list(image_size), 'steps': steps,
           'learned_implementation': MLPLOpt().implementation, 'kernel': ops.describe(),
           'results': results, 'ratios': ratio('batches_per_sec_median'),

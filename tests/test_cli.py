@@ -5,6 +5,7 @@ module-scoped fixture and the tests only read their results.
 """
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -65,6 +66,14 @@ def _cases(tmp):
       'speed_unknown_device': (
           [SPEED, '--device=tpu'],
           ['--device=tpu', 'cpu', 'gpu']),
+      'speed_gin_file_and_batch_size': (
+          [SPEED, *quick, '--batch_size=64'],
+          ['--batch_size', 'InnerTrainer.batch_size']),
+      'speed_gin_file': (
+          [SPEED, *quick, '--steps=2', '--repeats=1', '--optimizers=sgd,sgd_packed,adam,learned',
+           '--gin_bindings=InnerTrainer.batch_size=5',
+           '--json_out=' + os.path.join(tmp, 'speed_gin', 'x.json')],
+          None),
       'speed_happy_path': (
           [SPEED, '--steps=3', '--repeats=1', '--batch_size=4', '--image_size=8,8,1',
            '--json_out=' + os.path.join(tmp, 'speed', 'x.json')],
@@ -100,7 +109,7 @@ ERROR_CASES = [
     'eval_missing_gin_file', 'eval_unknown_binding', 'eval_unknown_parameter',
     'eval_unknown_source_kind', 'eval_missing_source_folder', 'eval_unwritable_output_dir',
     'eval_missing_output_dir_flag', 'eval_positional_argument', 'speed_negative_batch_size',
-    'speed_unknown_device',
+    'speed_unknown_device', 'speed_gin_file_and_batch_size',
 ]
 
 
@@ -124,6 +133,37 @@ def test_config_errors_write_nothing(runs, case):
   assert results[case][0] == 2
   # Gin is parsed before the output directory is created.
   assert not os.path.exists(os.path.join(tmp, 'out_' + case))
+
+
+def test_speed_benchmark_times_the_experiments_problem(runs):
+  tmp, _, results = runs
+  rc, out, err = results['speed_gin_file']
+  assert rc == 0, err[-2000:]
+  with open(os.path.join(tmp, 'speed_gin', 'x.json')) as f:
+    result = json.load(f)
+  # The quickstart's problem on its 8x8x1 digits, the batch size from --gin_bindings.
+  experiment = _quickstart_experiment()
+  assert result['batch_size'] == 5
+  assert result['image_size'] == list(experiment.tasks.image_shape)
+  assert result['problem']['name'] == type(experiment.problem).__name__
+  assert result['problem']['sizes'] == [math.prod(s) for s, _, _ in
+                                        experiment.problem.param_shapes()]
+  assert 'InnerTrainer.batch_size = 5' in result['config']
+  assert set(result['results']) == {'sgd', 'sgd_packed', 'adam', 'learned'}
+  assert set(result['ratios']) == {'adam/sgd', 'sgd_packed/sgd', 'learned/adam', 'learned/sgd',
+                                   'learned/sgd_packed'}
+  assert f'{sum(result["problem"]["sizes"])} weights' in out
+
+
+def _quickstart_experiment():
+  import gin  # pylint: disable=g-import-not-at-top
+  from lo_tf.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings([QUICKSTART], [])
+    return build_experiment()
+  finally:
+    gin.clear_config()
 
 
 def test_speed_benchmark_happy_path(runs):

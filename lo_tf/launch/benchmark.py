@@ -1,6 +1,7 @@
 """`bin/speed_benchmark`: inner-step speed (paper App. F) and outer-training throughput (App. B)."""
 
 import json
+import math
 import os
 
 import gin
@@ -28,13 +29,17 @@ def _write(json_out, result):
 
 
 def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, names, json_out,
-                               core_trajectories=0, core_sizes=()):
+                               core_trajectories=0, core_sizes=(), gin_files=(), gin_bindings=()):
   """Validates flag values, runs `speed.benchmark` (and `speed.core_benchmark` when
   core_trajectories > 0, under the JSON key "core"; core_sizes empty: the Omniglot CNN's sizes),
   prints tables, writes JSON.
 
+  With gin_files, the experiment they configure is timed instead of the paper's CNN: its inner
+  problem, `InnerTrainer.batch_size` and image shape (batch_size and image_size are then unused;
+  core_sizes empty: that problem's tensor sizes), and the result records the configuration.
+
   Raises:
-    UserError: for malformed sizes or an unwritable --json_out.
+    UserError: for malformed sizes, bad gin configuration or an unwritable --json_out.
   """
   try:
     shape = tuple(int(v) for v in image_size)
@@ -49,8 +54,20 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
   if core_trajectories < 0:
     raise UserError(f'--core_trajectories={core_trajectories} must be >= 0 (0: no core benchmark)')
   _check_json_out(json_out)
+  problem = None
+  if gin_files:
+    common.parse_gin(gin_files, gin_bindings)
+    experiment = common.build(build_experiment)
+    problem, batch_size = experiment.problem, experiment.trainer.batch_size
+    if not core_sizes:
+      core_shape = tuple(math.prod(s) for s, _, _ in problem.param_shapes())
   result = speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
-                           device=device, names=tuple(names))
+                           device=device, names=tuple(names), problem=problem)
+  if gin_files:
+    result['config'] = gin.config_str()
+  print(f'{result["problem"]["name"]} {"x".join(map(str, result["image_size"]))}, '
+        f'{sum(result["problem"]["sizes"])} weights in {len(result["problem"]["sizes"])} tensors, '
+        f'batch {result["batch_size"]}')
   print(f'learned optimizer step: {result["kernel"]}')
   print(f'{"optimizer":<17} {"batches/s (median)":>19}  runs')
   for name, r in result['results'].items():
