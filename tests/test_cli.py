@@ -157,6 +157,7 @@ def test_speed_benchmark_times_the_experiments_problem(runs):
 
 def _quickstart_experiment():
   import gin  # pylint: disable=g-import-not-at-top
+  import lo_tf.all_configurables  # pylint: disable=g-import-not-at-top,unused-import
   from lo_tf.experiment import build_experiment  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:

@@ -170,6 +170,8 @@ def test_closures_must_split_the_workers_evenly(experiment, tmp_path):
 _BINDINGS = ['OuterTrainer.num_workers=2', 'OuterTrainer.checkpoint_every=1',
              'OuterTrainer.keep_checkpoints=10', 'OuterTrainer.meta_eval_every=1000',
              'OuterTrainer.meta_eval_tasks=1', "MLPLOpt.implementation='reference'",
+             # The quickstart's digits at its old, cheaper size: a small MLP from a Glorot θ.
+             'build_experiment.problem=@MLP', "ThetaInit.kind='glorot'",
              'MLP.hidden=(8,)', 'InnerTrainer.num_steps=20',
              'Curriculum.start=3', 'Curriculum.end=5']
 _GIN = os.path.join(REPO, 'gin', 'quickstart.gin')

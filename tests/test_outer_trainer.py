@@ -204,6 +204,8 @@ def _train_cmd(train_dir, steps):
           '--gin_bindings=OuterTrainer.meta_eval_tasks=1',
           '--gin_bindings=InnerTrainer.num_steps=20',
           "--gin_bindings=MLPLOpt.implementation='reference'",
+          '--gin_bindings=build_experiment.problem=@MLP',
+          "--gin_bindings=ThetaInit.kind='glorot'",
           '--gin_bindings=MLP.hidden=(8,)',
           '--gin_bindings=Curriculum.start=3', '--gin_bindings=Curriculum.end=5']
 
