@@ -321,7 +321,8 @@ class OuterTrainer:
     checkpoint_every: save every this many outer steps (and at the end).
     keep_checkpoints: checkpoints kept.
     meta_eval_every: meta-evaluate every this many outer steps (and at the first and last); the
-      best θ by outer-train meta-loss is kept in train_dir/best.
+      best θ by meta-loss (outer-valid tasks where the split exists, else outer-train) is kept in
+      train_dir/best.
     meta_eval_tasks: tasks per split of the meta-evaluation.
     meta_eval_outer_test: also meta-evaluate outer-test tasks (reported, never used to select;
       off in recipes that choose on outer-valid and keep outer-test for the final numbers).
