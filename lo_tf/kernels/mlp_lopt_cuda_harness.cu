@@ -46,6 +46,7 @@
 
 #ifdef LO_TF_CUDA_EMULATION
 #include "mlp_lopt_cuda.cu"
+#include "kernel_test_hyperparameters.h"
 #else
 #include <cuda_runtime.h>
 
@@ -86,6 +87,7 @@ class LaunchTimer {
 #define LO_TF_LAUNCH(kernel, blocks, threads, bytes, stream) \
   ::lo_tf_harness::LaunchTimer(#kernel, stream), kernel<<<blocks, threads, bytes, stream>>>
 #include "mlp_lopt_cuda.cu"
+#include "kernel_test_hyperparameters.h"
 #endif
 
 namespace lo_tf_harness {
@@ -280,21 +282,8 @@ std::string List(const std::vector<std::string>& items) {
 
 // ---- The step's tensors.
 
-// The paper's MLPLOpt (hidden 32, 5 decays, 9 time scales: F = 31 features, θ of 1,090 floats),
-// with the kernel tests' λ_exp = 0.3, λ_lin = 0.05 (instead of 1e-3) so that the step is not
-// negligible next to w.
-Hyperparameters Paper() {
-  Hyperparameters hp;
-  hp.hidden_size = 32;
-  hp.decays = {0.5f, 0.9f, 0.99f, 0.999f, 0.9999f};
-  hp.time_scales = {3, 10, 30, 100, 300, 1e3, 3e3, 1e4, 3e5};
-  hp.lambda_exp = 0.3f;
-  hp.lambda_lin = 0.05f;
-  hp.rms_epsilon = 1e-6f;
-  hp.norm_epsilon = 1e-5f;
-  hp.max_log_step = 10.0f;
-  return hp;
-}
+// The kernel tests' hyperparameters (kernel_test_hyperparameters.h).
+Hyperparameters Paper() { return lo_tf::PaperTestHyperparameters(); }
 
 enum ArrayId {
   kTheta, kG, kW, kT, kM, kV, kUpW, kUpM, kUpV,  // inputs (Up: upstream gradients of the outputs)

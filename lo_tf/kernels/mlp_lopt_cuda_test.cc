@@ -6,6 +6,7 @@
 
 #define LO_TF_CUDA_EMULATION
 #include "mlp_lopt_cuda.cu"
+#include "kernel_test_hyperparameters.h"
 
 #include <cstdio>
 #include <random>
@@ -26,18 +27,8 @@ struct Case {
   std::vector<int64_t> sizes;
 };
 
-Hyperparameters Paper() {
-  Hyperparameters hp;
-  hp.hidden_size = 32;
-  hp.decays = {0.5f, 0.9f, 0.99f, 0.999f, 0.9999f};
-  hp.time_scales = {3, 10, 30, 100, 300, 1e3, 3e3, 1e4, 3e5};
-  hp.lambda_exp = 0.3f;
-  hp.lambda_lin = 0.05f;
-  hp.rms_epsilon = 1e-6f;
-  hp.norm_epsilon = 1e-5f;
-  hp.max_log_step = 10.0f;
-  return hp;
-}
+// The kernel tests' hyperparameters (kernel_test_hyperparameters.h).
+Hyperparameters Paper() { return lo_tf::PaperTestHyperparameters(); }
 
 std::vector<Case> Cases() {
   std::vector<Case> cases = {{"paper", Paper(), 2, {12, 1, 600}}};
