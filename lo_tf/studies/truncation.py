@@ -60,7 +60,7 @@ class TruncatedLearningRate:
 
   def start(self, seed):
     """A worker on a new task with fresh weights (the task and weights follow `seed`)."""
-    state, _ = self.reset(self.step.init_worker_state(1), tf.constant([seed, 0], tf.int64))
+    state, _ = self.reset(self.step.init_slot_state(1), tf.constant([seed, 0], tf.int64))
     return state
 
   def _gradient(self, theta, state, length, seed):
