@@ -101,7 +101,8 @@ class InnerCurves:
   diverged: bool
 
 
-@gin.configurable
+# The problem is built for the task distribution by `build_experiment`.
+@gin.configurable(denylist=['problem'])
 class InnerTrainer:
   """Runs inner training of a `Problem` on tasks with an optimizer family (paper §2.1, App. F).
 
