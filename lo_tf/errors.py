@@ -15,7 +15,7 @@ class UserError(ValueError):
 
 
 def one_line(e, limit=160):
-  """The first line of an exception's message (its type's name when empty), at most `limit` chars."""
+  """The first line of an exception's message (its type's name when empty), `limit` chars at most."""
   text = str(e).strip()
   return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 

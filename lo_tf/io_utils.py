@@ -149,7 +149,7 @@ def read_json(path, expected_type, what, fix='re-create it with the lo_tf tool t
 
 
 def array_digest(x):
-  """Short SHA-1 (12 hex digits) of an array's float32 bytes: names θ in caches, parts and results."""
+  """Short SHA-1 (12 hex digits) of an array's float32 bytes: θ's name in caches and results."""
   return hashlib.sha1(np.asarray(x, np.float32).tobytes()).hexdigest()[:12]
 
 

@@ -62,8 +62,9 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
     problem, batch_size = experiment.problem, experiment.trainer.batch_size
     if not core_sizes:
       core_shape = tuple(math.prod(s) for s, _, _ in problem.param_shapes())
-  result = inner_speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
-                           device=device, names=tuple(names), problem=problem)
+  result = inner_speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps,
+                                 repeats=repeats, device=device, names=tuple(names),
+                                 problem=problem)
   if gin_files:
     result['config'] = gin.config_str()
   print(f'{result["problem"]["name"]} {"x".join(map(str, result["image_size"]))}, '

@@ -2,9 +2,9 @@
 
 The simplest learned optimizer: θ = [log lr] of SGD or Adam. Paper §2.4 (Fig. 4) outer-trains
 Adam's learning rate with truncated unrolls to expose truncation bias; App. A differentiates an
-unrolled SGD learning rate. It is a `LearnedOptimizerFamily` like `MLPLOpt`: `family(θ)` is an optimizer and
-`batched_optimizer(θs [M, 1])` one for M trajectories at once, so the outer-training engine trains
-it unchanged.
+unrolled SGD learning rate. It is a `LearnedOptimizerFamily` like `MLPLOpt`: `family(θ)` is an
+optimizer and `batched_optimizer(θs [M, 1])` one for M trajectories at once, so the outer-training
+engine trains it unchanged.
 """
 
 import math
