@@ -3,7 +3,6 @@
 Every corrupt file here is a real file damaged on disk (truncated, a flipped byte, deleted).
 """
 
-import json
 import logging
 import os
 

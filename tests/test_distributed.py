@@ -26,7 +26,6 @@ from conftest import REPO
 from lo_tf import config
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
-from lo_tf.inner_training import InnerTrainer
 from lo_tf.launch import cluster as cluster_lib
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers import distributed

@@ -13,7 +13,6 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from lo_tf import checkpointing
 from lo_tf.data.sources import load_source
 from lo_tf.errors import UserError
 from lo_tf.keras import LearnedOptimizer

@@ -14,7 +14,6 @@ from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import cluster as cluster_lib
-from lo_tf.launch import common
 from lo_tf.outer_trainers import distributed
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
