@@ -234,7 +234,7 @@ def test_sigkill_midway_then_resume(tmp_path):
 @pytest.mark.parametrize('binding', ['GradientEstimator.sigma = 0.0',
                                      'GradientEstimator.sigma = 1e400',
                                      'OuterLearner.beta_1 = 1.0',
-                                     "GradientEstimator.estimator = 'both'",
+                                     "GradientEstimator.mode = 'both'",
                                      "TruncatedStep.objective = 'test'"])
 def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
   with pytest.raises(UserError):
