@@ -13,7 +13,8 @@ of `OuterTrainer` (`lo_tf.outer_trainers.samples`) on TensorFlow's own engine,
   `MergedEstimator.estimate` on them and writes the end states back, and returns its
   `EstimatorOutput` (per-sample values, so the G outputs concatenate exactly into a batch of S).
   The chief applies an update whenever G outputs (S samples) have arrived. A closure whose worker
-  dies is rerun elsewhere by the coordinator; the summaries count these (rescheduled_closures).
+  dies is rerun elsewhere by the coordinator, or by the chief where the coordinator gives up on it
+  while the parameter server still answers; the summaries count these (rescheduled_closures).
 * Each slot's inner state is double-buffered: truncation j of a slot reads buffer j mod 2 and writes
   buffer (j + 1) mod 2, and the chief counts the truncations it received per slot. A closure that
   the coordinator reruns (its worker died mid-truncation) therefore reads the same state with the
