@@ -134,6 +134,41 @@ def test_one_closure_per_step_is_the_single_process_run(experiment, tmp_path):
   np.testing.assert_array_equal(scalars['staleness_max'][1], [0, 0, 0])
 
 
+class _FailingCoordinator(_Coordinator):
+  """Fails as ClusterCoordinator does when its cluster update after a worker's death fails: in
+  outer step 2, the closure's fetch and then the schedule of its rerun raise UnavailableError (the
+  failed closure ran: it may have written its end states already)."""
+
+  def __init__(self):
+    super().__init__()
+    self.calls = 0
+
+  def schedule(self, fn, args):
+    self.calls += 1
+    lost = tf.errors.UnavailableError(None, None, 'Socket closed (/job:worker/replica:0/task:0)')
+    if self.calls == 3:
+      raise lost
+    remote = super().schedule(fn, args)
+    if self.calls == 2:
+      def fetch():
+        raise lost
+      return types.SimpleNamespace(fetch=fetch)
+    return remote
+
+
+def test_closures_failed_by_a_lost_worker_are_rerun_exactly(experiment, tmp_path):
+  local = _trainer(experiment, tmp_path / 'local', 3)
+  local.train()
+  cluster = _trainer(experiment, tmp_path / 'cluster', 3, _cluster(_FailingCoordinator(),
+                                                                    closures_per_step=1))
+  cluster.train()
+  np.testing.assert_allclose(cluster.theta.numpy(), local.theta.numpy(), rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(cluster.sample_source.truncations.numpy(), [3, 3, 3, 3])
+  scalars = read_scalars(str(tmp_path / 'cluster' / 'summaries'))
+  np.testing.assert_array_equal(scalars['rescheduled_closures'][1], [0, 2, 0])
+  assert cluster.sample_source.rescheduled == 2
+
+
 def test_asynchronous_samples_stay_within_max_staleness(experiment, tmp_path):
   coordinator = _Coordinator(max_delay=0.05)
   trainer = _trainer(experiment, tmp_path, 8, _cluster(coordinator, closures_per_step=4,

@@ -13,7 +13,8 @@ of `OuterTrainer` (`lo_tf.outer_trainers.samples`) on TensorFlow's own engine,
   `GradientEstimator.estimate` on them and writes the end states back, and returns its
   `EstimatorOutput` (per-sample values, so the G outputs concatenate exactly into a batch of S).
   The chief applies an update whenever G outputs (S samples) have arrived. A closure whose worker
-  dies is rerun elsewhere by the coordinator; the summaries count these (rescheduled_closures).
+  dies is rerun elsewhere by the coordinator, or by the chief where the coordinator gives up on it
+  while the parameter server still answers; the summaries count these (rescheduled_closures).
 * Each slot's inner state is double-buffered: truncation j of a slot reads buffer j mod 2 and writes
   buffer (j + 1) mod 2, and the chief counts the truncations it received per slot. A closure that
   the coordinator reruns (its worker died mid-truncation) therefore reads the same state with the
@@ -53,6 +54,9 @@ from lo_tf.errors import check_int
 from lo_tf.errors import check_number
 from lo_tf.outer_trainers.estimators import concat_outputs
 
+# What a lost worker can surface as in a closure that the coordinator did not rerun itself.
+_WORKER_LOSS = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError)
+MAX_RECOVERIES = 20  # failures in a row, with no closure finishing, before giving up
 MISMATCH = "lo_tf: a worker's configuration differs from the chief's"
 SAMPLE_SOURCE = 'cluster'
 
@@ -157,8 +161,7 @@ class ClusterSamples:
     manifest: the chief's `task_manifest()`, checked inside every closure (None: no check).
     manifest_paths: manifest path per worker index (with `manifest`).
     cluster_workers: workers in the cluster (the default of closures_per_step).
-    closures_per_step: G, closures whose outputs make one update; must divide S (None: one per
-      cluster worker).
+    closures_per_step: G, closures per update; must divide S (None: one per cluster worker).
     max_staleness: the most updates a sample's θ may lag the θ it updates (0: synchronous).
     closure_timeout_s: stop with an error when no closure finishes for this long.
 
@@ -191,13 +194,15 @@ class ClusterSamples:
     self.truncations = tf.Variable(tf.zeros([num_slots], tf.int64), name='truncations')
     self._closure = tf.function(self._truncation)
     self._results = queue.SimpleQueue()  # (ticket, output or exception) from the fetch threads
-    self._in_flight = {}  # ticket -> (group, θ version)
+    self._in_flight = {}  # ticket -> (group, θ version, the closure's arguments)
     self._idle = set(range(groups))
     self._buffer = []  # (group, θ version, output) received, not yet used
     self._counts = None  # numpy mirror of truncations (read after the restore)
     self._tickets = 0
     self._failures = _worker_failures()
     self.rescheduled = 0  # closures rerun after a worker failure, in this run
+    self._rerun = 0  # of which rerun by `_recover` rather than by the coordinator
+    self._recoveries = 0  # failures since a closure last finished
 
   def placement(self):
     """θ, Adam's slots and the inner states live on the parameter server(s)."""
@@ -241,14 +246,43 @@ class ClusterSamples:
     slots = self._group_slots[group]
     counts = self._counts[slots]
     seed = tf.constant([self.seed, int(counts[0]) + (int(slots[0]) << 32)], tf.int64)
-    remote = self.coordinator.schedule(self._closure, args=(
-        theta, tf.constant(slots), tf.constant(counts % 2, tf.int32),
-        tf.constant(version, tf.int64), seed))
-    ticket = self._tickets = self._tickets + 1
-    self._in_flight[ticket] = (group, version)
+    args = (theta, tf.constant(slots), tf.constant(counts % 2, tf.int32),
+            tf.constant(version, tf.int64), seed)
     self._idle.remove(group)
+    self._start(group, version, args)
+
+  def _start(self, group, version, args):
+    """Schedules a group's closure and a thread that fetches its output."""
+    while True:
+      try:
+        remote = self.coordinator.schedule(self._closure, args=args)
+        break
+      except _WORKER_LOSS as e:  # the coordinator re-raises a failure once, at the next schedule
+        self._recover(e)
+    ticket = self._tickets = self._tickets + 1
+    self._in_flight[ticket] = (group, version, args)
     threading.Thread(target=self._fetch, args=(ticket, remote), daemon=True,
                      name=f'lo_tf-fetch-{ticket}').start()
+
+  def _recover(self, error):
+    """Takes a closure's failure for a lost worker if the parameter server still answers.
+
+    ClusterCoordinator reruns a dead worker's closure by itself, except when its cluster update
+    after the death fails (the dead worker is not back): then the error of that update reaches
+    the closures of the live workers too. Their inputs and seeds are unchanged and they read the
+    buffer they read before, so rerunning them reproduces their outputs exactly.
+
+    Raises:
+      tf.errors.OpError: from the parameter server when it is gone, or `error` after
+        MAX_RECOVERIES failures without a closure finishing.
+    """
+    self._recoveries += 1
+    if self._recoveries > MAX_RECOVERIES:
+      raise error
+    self.slots.inner_step.read_value()  # raises UnavailableError if the parameter server is gone
+    self._rerun += 1
+    logging.warning('a closure failed with %s; the parameter server answers, so it is taken for a '
+                    'lost worker and the closure is rerun', type(error).__name__)
 
   def _fetch(self, ticket, remote):
     # Daemon threads: one still waiting for a closure abandoned at exit does not hold the process.
@@ -264,12 +298,17 @@ class ClusterSamples:
     except queue.Empty:
       raise UserError(f'no closure finished in {self.closure_timeout_s:g} s; check that the '
                       'cluster\'s workers run, or raise ClusterSamples.closure_timeout_s') from None
-    group, version = self._in_flight.pop(ticket)
+    group, version, args = self._in_flight.pop(ticket)
     if isinstance(value, (tf.errors.InvalidArgumentError, tf.errors.NotFoundError)) and (
         self._manifest is not None):
       check_workers([p.decode() for p in self._paths.numpy()], self._manifest)
+    if isinstance(value, _WORKER_LOSS):
+      self._recover(value)
+      self._start(group, version, args)
+      return
     if isinstance(value, Exception):
       raise value
+    self._recoveries = 0
     self._counts[self._group_slots[group]] += 1
     self.truncations.assign(self._counts)
     self._buffer.append((group, version, value))
@@ -300,7 +339,7 @@ class ClusterSamples:
     while len(self._buffer) < self.groups:
       for group in sorted(self._idle):
         if not may_schedule(version, len(self._buffer),
-                            [v for _, v in self._in_flight.values()], self.groups,
+                            [v for _, v, _ in self._in_flight.values()], self.groups,
                             self.max_staleness):
           break
         self._launch(group, current, version)
@@ -310,7 +349,7 @@ class ClusterSamples:
     used = sorted(self._buffer, key=lambda r: (int(self._group_slots[r[0]][0]), r[1]))
     self._buffer = []
     staleness = [version - v for _, v, _ in used]
-    failures = _worker_failures()
+    failures = _worker_failures() + self._rerun
     rescheduled, self._failures = failures - self._failures, failures
     if rescheduled:
       self.rescheduled += rescheduled
