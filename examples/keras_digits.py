@@ -13,12 +13,25 @@ Data: the MNIST test set of ../shared/data/mnist/mnist_test.npz when it is prese
 """
 
 import os
+import sys
 import time
 
+from absl import app
 from absl import flags
+import keras
+import matplotlib
+import numpy as np
+import tensorflow as tf
 
+from lo_tf import io_utils
+from lo_tf.data.sources import load_source
 from lo_tf.errors import UserError
-from lo_tf.launch import common
+from lo_tf.errors import check_int
+from lo_tf.keras import LearnedOptimizer
+from lo_tf.learned_optimizers import pretrained
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position  (after use('Agg'))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MNIST = os.path.join(os.path.dirname(REPO), 'shared', 'data', 'mnist', 'mnist_test.npz')
@@ -42,8 +55,6 @@ FLAGS = flags.FLAGS
 def _load(spec, test_fraction, seed):
   """(x_train, y_train, x_test, y_test, spec, num_classes): float32 images in [0, 1], int64
   labels."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from lo_tf.data.sources import load_source  # pylint: disable=g-import-not-at-top
   if spec == 'auto':
     spec = f'npz:{SHARED_MNIST}' if os.path.exists(SHARED_MNIST) else 'digits'
   source = load_source(spec)
@@ -51,14 +62,13 @@ def _load(spec, test_fraction, seed):
   n_test = int(round(test_fraction * len(order)))
   if not 0 < n_test < len(order):
     raise UserError(f'--test_fraction={test_fraction} leaves no train or no test images of '
-                        f'{len(order)}; use a value in (0, 1)')
+                    f'{len(order)}; use a value in (0, 1)')
   x = source.images.astype(np.float32) / 255.0
   test, train = order[:n_test], order[n_test:]
   return x[train], source.labels[train], x[test], source.labels[test], spec, source.num_classes
 
 
 def _cnn(input_shape, num_classes, seed):
-  import keras  # pylint: disable=g-import-not-at-top
   keras.utils.set_random_seed(seed)
   return keras.Sequential([
       keras.Input(input_shape),
@@ -71,8 +81,6 @@ def _cnn(input_shape, num_classes, seed):
 
 def _train(optimizer, data, num_classes):
   """Fits the CNN; returns curves: steps, train loss (mean over each interval), test loss/acc."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   x, y, x_test, y_test = data
   model = _cnn(x.shape[1:], num_classes, FLAGS.seed)
   model.compile(optimizer=optimizer, metrics=['accuracy'], jit_compile=FLAGS.jit_compile,
@@ -91,10 +99,7 @@ def _train(optimizer, data, num_classes):
 
 
 def _plot(runs, learned, tuned, title, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from lo_tf import io_utils  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
   for ax, key, label in zip(axes, ('train_loss', 'test_loss', 'test_accuracy'),
                             ('train loss (mean over each interval)', 'test loss',
@@ -118,30 +123,36 @@ def _plot(runs, learned, tuned, title, path):
 
 
 def main(argv):
-  common.check_no_arguments(argv)
-  from lo_tf import checkpoints  # pylint: disable=g-import-not-at-top
-  from lo_tf import io_utils  # pylint: disable=g-import-not-at-top
-  from lo_tf.errors import check_int  # pylint: disable=g-import-not-at-top
-  from lo_tf.keras import LearnedOptimizer  # pylint: disable=g-import-not-at-top
-  import keras  # pylint: disable=g-import-not-at-top
+  """Runs the comparison; bad input is one `error:` line and exit status 2, as bin/ tools do."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}; flags are --name=value')
+  try:
+    compare()
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def compare():
+  """Trains the learned optimizer and every Adam rate; writes the PNG and JSON."""
   for name in ('steps', 'eval_every', 'batch_size'):
     check_int('flags', name, getattr(FLAGS, name))
   if FLAGS.steps < FLAGS.eval_every:
     raise UserError(f'--steps={FLAGS.steps} is below --eval_every={FLAGS.eval_every}; '
-                        'train for at least one evaluation interval')
+                    'train for at least one evaluation interval')
   try:
     rates = [float(r) for r in FLAGS.adam_learning_rates]
   except ValueError:
     raise UserError(f'--adam_learning_rates={",".join(FLAGS.adam_learning_rates)} must be '
-                        'numbers, e.g. 1e-3,3e-3') from None
+                    'numbers, e.g. 1e-3,3e-3') from None
   if not rates or min(rates) <= 0:
     raise UserError('--adam_learning_rates must be positive numbers, e.g. 1e-3,3e-3')
   spec = FLAGS.optimizer
   if spec is None:
-    if not checkpoints.shipped_names():
+    if not pretrained.shipped_names():
       raise UserError('no learned optimizer is shipped in lo_tf/pretrained; pass '
-                          '--optimizer=TRAIN_DIR (written by bin/train) or a checkpoint path')
-    spec = checkpoints.shipped_names()[0]
+                      '--optimizer=TRAIN_DIR (written by bin/train) or a checkpoint path')
+    spec = pretrained.shipped_names()[0]
   if not FLAGS.output.endswith('.png'):
     raise UserError(f'--output={FLAGS.output!r} must name a .png file')
   io_utils.ensure_writable_dir(os.path.dirname(os.path.abspath(FLAGS.output)))
@@ -174,4 +185,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  common.run(main)
+  app.run(main)

@@ -49,6 +49,30 @@ def inner_step(loss_fn, optimizer, params, opt_state, *batch):
   return loss, new_params, new_state
 
 
+def train_steps(loss_fn, optimizer, params, num_steps, minibatch):
+  """`num_steps` inner steps from `params` in one `tf.while_loop` (call it inside a tf.function).
+
+  The plain loop of the benchmarks: no evaluation, no timing inside the graph.
+
+  Args:
+    loss_fn: (params, *batch) -> float32 scalar loss.
+    optimizer: an `lo_tf.optimizers.base.Optimizer`.
+    params: list of float32 tensors, the initial inner weights.
+    num_steps: int or int32 scalar tensor.
+    minibatch: i (int32 scalar) -> the batch tuple of step i.
+
+  Returns:
+    The last step's loss (float32 scalar).
+  """
+  def body(i, params, state, _):
+    loss, params, state = inner_step(loss_fn, optimizer, params, state, *minibatch(i))
+    return i + 1, params, state, loss
+
+  return tf.while_loop(lambda i, *_: i < num_steps, body,
+                       (tf.constant(0), params, optimizer.init(params), tf.constant(0.0)),
+                       parallel_iterations=1)[-1]
+
+
 @dataclasses.dataclass
 class InnerCurves:
   """Curves of one inner-training run (numpy arrays).
@@ -77,7 +101,8 @@ class InnerCurves:
   diverged: bool
 
 
-@gin.configurable
+# The problem is built for the task distribution by `build_experiment`.
+@gin.configurable(denylist=['problem'])
 class InnerTrainer:
   """Runs inner training of a `Problem` on tasks with an optimizer family (paper §2.1, App. F).
 

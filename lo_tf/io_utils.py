@@ -6,6 +6,7 @@ for its type so that an empty, truncated or foreign file is a one-line `UserErro
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -145,6 +146,11 @@ def read_json(path, expected_type, what, fix='re-create it with the lo_tf tool t
     raise UserError(f'{what} {path} holds JSON {_JSON_NAMES[type(value)]}, not '
                     f'{" or ".join(_JSON_NAMES[t] for t in expected)}; {fix}')
   return value
+
+
+def array_digest(x):
+  """Short SHA-1 (12 hex digits) of an array's float32 bytes: θ's name in caches and results."""
+  return hashlib.sha1(np.asarray(x, np.float32).tobytes()).hexdigest()[:12]
 
 
 def atomic_savefig(fig, path):

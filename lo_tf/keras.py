@@ -23,8 +23,8 @@ import tensorflow as tf
 # tf.function(jit_compile=True) enters an XLA control-flow context while it traces.
 from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import
 
-from lo_tf import checkpoints
 from lo_tf.errors import UserError
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 
 
@@ -44,8 +44,8 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
 
   Build it from exactly one of
 
-  * `checkpoint`: a shipped name (`lo_tf.checkpoints.shipped_names()`), a train_dir written by
-    bin/train (its latest checkpoint) or a checkpoint path (train_dir/ckpt-N);
+  * `checkpoint`: a shipped name (`lo_tf.learned_optimizers.pretrained.shipped_names()`), a
+    train_dir written by bin/train (its latest checkpoint) or a checkpoint path (train_dir/ckpt-N);
   * `theta` and `lopt`: θ, float32 [lopt.num_meta_params] (tensor, array or list), and the
     `MLPLOpt` it belongs to (or that family's `config()` dict).
 
@@ -101,13 +101,13 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
         raise UserError(f'LearnedOptimizer takes no {arg}={kwargs[arg]!r}: {why}; remove it')
     if (checkpoint is None) == (theta is None):
       raise UserError('LearnedOptimizer needs exactly one of checkpoint= (a shipped name '
-                      f'{checkpoints.shipped_names()}, a train_dir or a checkpoint path) and '
+                      f'{pretrained.shipped_names()}, a train_dir or a checkpoint path) and '
                       'theta= with lopt=')
     if checkpoint is not None:
       if lopt is not None:
         raise UserError('LearnedOptimizer: a checkpoint carries its MLPLOpt configuration; '
                         'pass lopt= only with theta=')
-      _, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
+      _, family, theta, _ = pretrained.load(checkpoint)
     else:
       if lopt is None:
         raise UserError('LearnedOptimizer(theta=...) needs lopt=, the MLPLOpt (or its config '
@@ -115,8 +115,7 @@ class LearnedOptimizer(keras.optimizers.Optimizer):
       config = lopt.config() if isinstance(lopt, MLPLOpt) else lopt
       if not isinstance(config, dict):
         raise UserError(f'LearnedOptimizer: lopt={lopt!r} must be an MLPLOpt or its config dict')
-      # pylint: disable-next=protected-access
-      family, theta = checkpoints._build(config, theta, 'LearnedOptimizer')
+      family, theta = pretrained.from_config(config, theta, 'LearnedOptimizer')
       if isinstance(lopt, MLPLOpt):
         family = lopt  # keeps the caller's implementation choice
     super().__init__(learning_rate=_unit_learning_rate, name=name, **kwargs)

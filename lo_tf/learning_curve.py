@@ -12,12 +12,13 @@ import os
 
 from absl import logging
 
-from lo_tf import checkpoints
+from lo_tf import checkpointing
 from lo_tf import io_utils
 from lo_tf import plotting
 from lo_tf.errors import UserError
 from lo_tf.evaluation import Evaluator
-from lo_tf.evaluation import theta_hash
+from lo_tf.io_utils import array_digest
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.tasks.distribution import OUTER_VALID
 
 LEARNING_CURVE_JSON = 'learning_curve.json'
@@ -46,18 +47,18 @@ def evaluate_checkpoints(experiment, train_dir, output_dir, num_tasks, num_inits
   """
   if not os.path.isdir(train_dir):
     raise UserError(f'--every_checkpoint needs a train_dir, but {train_dir!r} is not a directory')
-  prefixes, _ = checkpoints.kept_checkpoints(train_dir)
+  prefixes, _ = checkpointing.kept_checkpoints(train_dir)
   cache_dir = os.path.join(output_dir, 'cache')
   families, points = {}, []
   for prefix in reversed(prefixes):  # oldest first
     try:
-      name, family, theta, meta = checkpoints.load_learned_optimizer(prefix)
+      name, family, theta, meta = pretrained.load(prefix)
     except UserError as e:
       logging.warning('skipping %s: %s', prefix, e)
       continue
     # One family object per configuration: the inner trainer traces its graph once per family.
     family = families.setdefault(json.dumps(meta.get('lopt'), sort_keys=True), family)
-    provenance = {'checkpoint': prefix, 'theta_sha1': theta_hash(theta),
+    provenance = {'checkpoint': prefix, 'theta_sha1': array_digest(theta),
                   'outer_steps': meta['outer_steps'], 'objective': meta.get('objective')}
     results = Evaluator(experiment, os.path.join(output_dir, os.path.basename(prefix)),
                         num_tasks=num_tasks, num_inits=num_inits, learned=(name, family, theta),

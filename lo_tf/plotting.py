@@ -70,7 +70,7 @@ def figure1(summaries, records, learned_name, output_dir, plot_tasks=1):
   """Writes the Fig. 1 PNGs; returns {name: path} of what was written.
 
   Args:
-    summaries: per task, {optimizer label: `lo_tf.evaluation.Summary`} (labels 'adam@train', ...).
+    summaries: per task, {optimizer label: `lo_tf.metrics.Summary`} (labels 'adam@train', ...).
     records: per-task result records (for improvements and chosen rates).
     learned_name: label of the learned optimizer in `summaries`, or None.
     output_dir: destination directory.

@@ -11,9 +11,12 @@ import re
 import subprocess
 import sys
 
+import gin
 import pytest
 
 from conftest import REPO
+from lo_tf import config
+from lo_tf.experiment import build_experiment
 
 EVAL = os.path.join(REPO, 'bin', 'eval')
 SPEED = os.path.join(REPO, 'bin', 'speed_benchmark')
@@ -156,12 +159,9 @@ def test_speed_benchmark_times_the_experiments_problem(runs):
 
 
 def _quickstart_experiment():
-  import gin  # pylint: disable=g-import-not-at-top
-  import lo_tf.all_configurables  # pylint: disable=g-import-not-at-top,unused-import
-  from lo_tf.experiment import build_experiment  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    gin.parse_config_files_and_bindings([QUICKSTART], [])
+    config.parse_gin([QUICKSTART], [])
     return build_experiment()
   finally:
     gin.clear_config()

@@ -23,18 +23,14 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from lo_tf import config
 from lo_tf.errors import UserError
-from lo_tf.experiment import Experiment
 from lo_tf.experiment import build_experiment
-from lo_tf.inner_training import InnerTrainer
 from lo_tf.launch import cluster as cluster_lib
-from lo_tf.launch import common
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers import distributed
 from lo_tf.outer_trainers.loop import OuterTrainer
 from lo_tf.plotting import read_scalars
-from lo_tf.tasks.distribution import TaskDistribution
-from lo_tf.tasks.problems import ConvNet
 
 # ------------------------------------------------------------------ the staleness rule
 
@@ -107,20 +103,12 @@ class _Coordinator:
     return types.SimpleNamespace(fetch=fetch)
 
 
-@pytest.fixture(scope='module')
-def experiment():
-  tasks = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
-  problem = ConvNet(tasks.image_shape, 3, channels=(4,), strides=(2,))
-  return Experiment(tasks, problem, InnerTrainer(problem, num_steps=12, batch_size=8,
-                                                 eval_every=6))
-
-
-def _trainer(experiment, train_dir, steps, samples=None):
+def _trainer(experiment, train_dir, steps, sample_source=None):
   gin.clear_config()
   gin.parse_config(['Curriculum.start = 3', 'Curriculum.end = 6', 'Curriculum.num_outer_steps = 4'])
-  return OuterTrainer(experiment, str(train_dir), num_workers=4, num_outer_steps=steps,
+  return OuterTrainer(experiment, str(train_dir), num_slots=4, num_outer_steps=steps,
                       checkpoint_every=2, meta_eval_every=1000, meta_eval_tasks=1,
-                      family=MLPLOpt(implementation='reference'), samples=samples)
+                      family=MLPLOpt(implementation='reference'), sample_source=sample_source)
 
 
 def _cluster(coordinator, **kwargs):
@@ -136,11 +124,12 @@ def test_one_closure_per_step_is_the_single_process_run(experiment, tmp_path):
   # The same computation in another graph (variables on the parameter server, the estimate in a
   # scheduled function): TensorFlow's graph rewrites may order a float sum differently (1 ulp).
   np.testing.assert_allclose(cluster.theta.numpy(), local.theta.numpy(), rtol=1e-5, atol=1e-7)
-  source = cluster.samples
+  source = cluster.sample_source
   np.testing.assert_array_equal(source.truncations.numpy(), [3, 3, 3, 3])
-  # Truncation 3 reads buffer 1: it holds the inner states the single-process workers hold now.
-  for buffers, workers in zip(tf.nest.flatten(source.workers), tf.nest.flatten(local.workers)):
-    np.testing.assert_allclose(buffers.numpy()[4:], workers.numpy(), rtol=1e-5, atol=1e-6)
+  # Truncation 3 reads buffer 1: it holds the inner states the single-process slots hold now.
+  for buffers, slots in zip(tf.nest.flatten(source.slots),
+                            tf.nest.flatten(local.sample_source.slots)):
+    np.testing.assert_allclose(buffers.numpy()[4:], slots.numpy(), rtol=1e-5, atol=1e-6)
   scalars = read_scalars(str(tmp_path / 'cluster' / 'summaries'))
   np.testing.assert_array_equal(scalars['staleness_max'][1], [0, 0, 0])
 
@@ -174,10 +163,10 @@ def test_closures_failed_by_a_lost_worker_are_rerun_exactly(experiment, tmp_path
                                                                     closures_per_step=1))
   cluster.train()
   np.testing.assert_allclose(cluster.theta.numpy(), local.theta.numpy(), rtol=1e-5, atol=1e-7)
-  np.testing.assert_array_equal(cluster.samples.truncations.numpy(), [3, 3, 3, 3])
+  np.testing.assert_array_equal(cluster.sample_source.truncations.numpy(), [3, 3, 3, 3])
   scalars = read_scalars(str(tmp_path / 'cluster' / 'summaries'))
   np.testing.assert_array_equal(scalars['rescheduled_closures'][1], [0, 2, 0])
-  assert cluster.samples.rescheduled == 2
+  assert cluster.sample_source.rescheduled == 2
 
 
 def test_asynchronous_samples_stay_within_max_staleness(experiment, tmp_path):
@@ -189,8 +178,8 @@ def test_asynchronous_samples_stay_within_max_staleness(experiment, tmp_path):
   scalars = read_scalars(str(tmp_path / 'summaries'))
   assert np.all(scalars['staleness_max'][1] <= 1)
   # Every closure started delivered its sample: none was computed in vain, none is lost.
-  counts = trainer.samples.truncations.numpy()
-  assert counts.sum() == coordinator.closures - len(trainer.samples._in_flight)
+  counts = trainer.sample_source.truncations.numpy()
+  assert counts.sum() == coordinator.closures - len(trainer.sample_source._in_flight)
   assert counts.sum() >= 8 * 4 and np.all(np.isfinite(trainer.theta.numpy()))
   assert not np.allclose(trainer.theta.numpy(), theta0)
 
@@ -202,7 +191,7 @@ def test_closures_must_split_the_workers_evenly(experiment, tmp_path):
 
 # ------------------------------------------------------------------ bin/train on loopback clusters
 
-_BINDINGS = ['OuterTrainer.num_workers=2', 'OuterTrainer.checkpoint_every=1',
+_BINDINGS = ['OuterTrainer.num_slots=2', 'OuterTrainer.checkpoint_every=1',
              'OuterTrainer.keep_checkpoints=10', 'OuterTrainer.meta_eval_every=1000',
              'OuterTrainer.meta_eval_tasks=1', "MLPLOpt.implementation='reference'",
              # The quickstart's digits at its old, cheaper size: a small MLP from a Glorot θ.
@@ -299,7 +288,7 @@ def test_local1_is_the_single_process_run_through_ps_and_chief_faults(tmp_path):
   """kill -9 of the parameter server: exit 2 with one line; the same command resumes. kill -9 of
   the chief: its tasks stop by themselves; the same command resumes. The result is the
   single-process run's θ trajectory, bit for bit (sync, one closure per step, same seeds)."""
-  common.parse_gin([_GIN], _BINDINGS + ['OuterTrainer.num_outer_steps=6'])
+  config.parse_gin([_GIN], _BINDINGS + ['OuterTrainer.num_outer_steps=6'])
   reference = OuterTrainer(build_experiment(), str(tmp_path / 'single'))
   reference.train()
   train_dir = tmp_path / 'cluster'

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lo_tf import checkpoints
+from conftest import tiny_digits_experiment
 from lo_tf import evaluation
+from lo_tf import metrics
 from lo_tf.errors import UserError
-from lo_tf.evaluation import Summary
+from lo_tf.evaluation import CurveCache
+from lo_tf.evaluation import Evaluator
 from lo_tf.experiment import Experiment
+from lo_tf.inner_training import InnerCurves
 from lo_tf.inner_training import InnerTrainer
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
-from lo_tf.tasks.distribution import TaskDistribution
+from lo_tf.metrics import Summary
 from lo_tf.tasks.problems import ConvNet
 
 
@@ -35,25 +39,25 @@ def test_best_rate_selection_by_target_metric():
       _summary([2.0, np.nan, np.nan], valid=[2.0, np.nan, np.nan]),  # diverged
       _summary([2.0, 0.1, 0.6], valid=[2.0, 1.0, 1.2]),   # lowest train once, not at the end
   ]
-  assert evaluation.select_best(curves, 'train') == 1  # final-window train loss
-  assert evaluation.select_best(curves, 'valid') == 0  # lowest valid loss
-  assert evaluation.select_best([curves[2], curves[0]], 'train') == 1  # divergence never wins
+  assert metrics.select_best(curves, 'train') == 1  # final-window train loss
+  assert metrics.select_best(curves, 'valid') == 0  # lowest valid loss
+  assert metrics.select_best([curves[2], curves[0]], 'train') == 1  # divergence never wins
 
 
 def test_improvement_and_speedups_with_known_answers():
   baseline = _summary([1.0, 0.8, 0.6, 0.5, 0.4], seconds_per_step=1.0)  # best 0.4 at step 5
   learned = _summary([0.9, 0.4, 0.3, 0.2, 0.1], seconds_per_step=2.0)  # reaches 0.4 at step 2
-  out = evaluation.compare(baseline, learned, 'train')
+  out = metrics.compare(baseline, learned, 'train')
   assert out['improvement'] == pytest.approx(0.3)
   assert out['speedup_steps'] == pytest.approx(5 / 2)
   assert out['speedup_wallclock'] == pytest.approx(5.0 / 4.0)
   worse = _summary([1.0, 0.9, 0.8, 0.7, 0.6])
-  out = evaluation.compare(baseline, worse, 'train')
+  out = metrics.compare(baseline, worse, 'train')
   assert out['improvement'] == pytest.approx(-0.2) and out['speedup_steps'] == 0.0
   # Valid: eval points every 2 steps; baseline best 0.5 at step 4 (4 s), learned at step 2 (2 s).
   b = _summary([1] * 5, valid=[1.0, 0.7, 0.5], eval_every=2)
   l = _summary([1] * 5, valid=[1.0, 0.45, 0.3], eval_every=2)
-  out = evaluation.compare(b, l, 'valid')
+  out = metrics.compare(b, l, 'valid')
   assert out['improvement'] == pytest.approx(0.2)
   assert out['speedup_wallclock'] == pytest.approx(2.0)
 
@@ -62,45 +66,42 @@ def test_win_rate_and_medians():
   records = []
   for imp, speed, name in ((0.1, 4.0, 'adam'), (-0.2, 0.0, 'sgdm'), (0.3, 2.0, 'adam'),
                            (0.05, 3.0, 'rmsprop')):
-    rec = {f'best_baseline_{m}': {'name': name} for m in evaluation.METRICS}
-    for metric in evaluation.METRICS:
+    rec = {f'best_baseline_{m}': {'name': name} for m in metrics.METRICS}
+    for metric in metrics.METRICS:
       rec.update({f'improvement_{metric}': imp, f'speedup_steps_{metric}': speed,
                   f'speedup_wallclock_{metric}': speed / 2})
     records.append(rec)
-  s = evaluation.summarize_tasks(records, with_learned=True)
+  s = metrics.summarize_tasks(records, with_learned=True)
   assert s['num_tasks'] == 4 and s['win_rate_valid'] == 0.75 and s['win_rate_train'] == 0.75
   assert s['median_improvement_valid'] == pytest.approx(0.075)
   assert s['speedup_steps_train'] == pytest.approx(2.5)
   assert s['speedup_wallclock_valid'] == pytest.approx(1.25)
   assert s['best_baseline_counts_valid'] == {'adam': 2, 'rmsprop': 1, 'sgdm': 1}
   assert s['win_rate_valid_final'] == 0.75
-  assert 'win_rate_valid' not in evaluation.summarize_tasks(records, with_learned=False)
+  assert 'win_rate_valid' not in metrics.summarize_tasks(records, with_learned=False)
 
 
 def test_final_valid_metric_compares_the_loss_at_step_t():
   # Baseline: best valid 0.5 at step 4 but 0.8 at T; learned: 0.6 at T (worse early-stopped).
   b = _summary([1] * 7, valid=[1.0, 0.7, 0.5, 0.8], eval_every=2)
   l = _summary([1] * 7, valid=[1.0, 0.9, 0.7, 0.6], eval_every=2)
-  out = evaluation.compare(b, l, 'valid_final')
+  out = metrics.compare(b, l, 'valid_final')
   assert out['improvement'] == pytest.approx(0.2)
   assert out['speedup_steps'] == pytest.approx(2 / 4)  # 0.8 reached at step 2 vs 4
-  assert evaluation.compare(b, l, 'valid')['improvement'] == pytest.approx(-0.1)
+  assert metrics.compare(b, l, 'valid')['improvement'] == pytest.approx(-0.1)
   # Tuned by the loss at T, a rate that early-stops well but ends badly is not chosen.
-  assert evaluation.select_best([b, l], 'valid_final') == 1
-  assert evaluation.select_best([b, l], 'valid') == 0
+  assert metrics.select_best([b, l], 'valid_final') == 1
+  assert metrics.select_best([b, l], 'valid') == 0
 
 
 def test_smoothed_train_loss():
-  np.testing.assert_allclose(evaluation.smoothed_train_loss([4.0, 2.0, 0.0, 2.0], 2),
+  np.testing.assert_allclose(metrics.smoothed_train_loss([4.0, 2.0, 0.0, 2.0], 2),
                              [4.0, 3.0, 1.0, 1.0])
 
 
 @pytest.fixture(scope='module')
 def tiny_experiment():
-  tasks = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
-  problem = ConvNet(tasks.image_shape, 3, channels=(4,), strides=(2,))
-  return Experiment(tasks, problem, InnerTrainer(problem, num_steps=20, batch_size=8,
-                                                 eval_every=5))
+  return tiny_digits_experiment(num_steps=20, eval_every=5)
 
 
 @pytest.fixture(scope='module')
@@ -132,7 +133,7 @@ def test_results_json_schema_and_plots(evaluated):
   assert sorted(on_disk['plots']) == ['fig1ab_curves', 'fig1ab_task4', 'fig1c_improvement']
   for task in on_disk['tasks']:
     assert len(task['classes']) == 3 and isinstance(task['task_seed'], int)
-    for metric in evaluation.METRICS:
+    for metric in metrics.METRICS:
       best = task[f'best_baseline_{metric}']
       assert best['name'] in ('adam', 'rmsprop', 'sgdm')
       assert best['learning_rate'] in (1e-2, 1e-1)
@@ -157,10 +158,10 @@ def test_second_run_hits_the_cache(evaluated, tiny_experiment):
 
 
 def test_shipped_optimizer_loads_by_name_and_steps():
-  names = checkpoints.shipped_names()
+  names = pretrained.shipped_names()
   assert 'quickstart_digits' in names
   for name in names:
-    loaded, family, theta, meta = checkpoints.load_learned_optimizer(name)
+    loaded, family, theta, meta = pretrained.load(name)
     assert loaded == name and theta.shape == (MLPLOpt(**meta['lopt']).num_meta_params,)
     for key in ('command', 'git_revision', 'outer_steps', 'wall_seconds', 'machine'):
       assert key in meta, key
@@ -174,16 +175,16 @@ def test_shipped_optimizer_loads_by_name_and_steps():
 
 def test_bad_checkpoints(tmp_path):
   with pytest.raises(UserError, match='no checkpoint'):
-    checkpoints.load_learned_optimizer(str(tmp_path / 'missing'))
+    pretrained.load(str(tmp_path / 'missing'))
   with pytest.raises(UserError, match='no checkpoint'):
-    checkpoints.load_learned_optimizer('not_a_shipped_name')
+    pretrained.load('not_a_shipped_name')
   os.makedirs(tmp_path / 'd')
   with open(tmp_path / 'd' / 'ckpt-1.index', 'wb') as f:
     f.write(b'garbage')
   with open(tmp_path / 'd' / 'lopt.json', 'w') as f:
     json.dump({'lopt': {}}, f)
   with pytest.raises(UserError, match='corrupt or incompatible'):
-    checkpoints.load_learned_optimizer(str(tmp_path / 'd' / 'ckpt-1'))
+    pretrained.load(str(tmp_path / 'd' / 'ckpt-1'))
 
 
 def test_corrupt_cache_entries_are_recomputed(tiny_experiment, tmp_path):
@@ -212,3 +213,31 @@ def test_cache_follows_architecture_and_baseline_hyperparameters(tiny_experiment
     assert tiny_experiment.fingerprint() != before
   finally:
     gin.clear_config()
+
+
+# ------------------------------------------------------------------ evaluation cache
+
+
+def _curves(num_steps, num_evals):
+  e = np.linspace(1.0, 0.5, num_evals, dtype=np.float32)
+  return InnerCurves(train_loss=np.linspace(1.0, 0.5, num_steps, dtype=np.float32),
+                     seconds=np.arange(1, num_steps + 1, dtype=np.float64),
+                     eval_steps=np.arange(num_evals, dtype=np.int32) * 6,
+                     eval_seconds=np.arange(num_evals, dtype=np.float64), valid_loss=e,
+                     valid_acc=e, train_eval_loss=e, train_eval_acc=e,
+                     steps_completed=num_steps, diverged=False)
+
+
+def test_a_cache_entry_with_arrays_of_the_wrong_length_is_recomputed(tmp_path):
+  """A well-formed .npz of another run length (a baseline came back with 1 step) is a miss."""
+  cache = CurveCache(str(tmp_path / 'cache'), num_steps=12, num_evals=3)
+  for key, curves in (('good', _curves(12, 3)), ('one_step', _curves(1, 3)),
+                      ('one_eval', _curves(12, 1))):
+    cache.put(key, curves)
+  np.testing.assert_array_equal(cache.get('good').train_loss, _curves(12, 3).train_loss)
+  assert cache.get('one_step') is None and cache.get('one_eval') is None
+  assert (cache.hits, cache.misses) == (1, 2)
+  # The evaluator's cache expects its inner trainer's T and number of evaluations.
+  experiment = tiny_digits_experiment()
+  evaluator = Evaluator(experiment, str(tmp_path / 'eval'), num_tasks=1, num_inits=1)
+  assert (evaluator.cache.num_steps, evaluator.cache.num_evals) == (12, 3)

@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from lo_tf import checkpoints
 from lo_tf.data.sources import load_source
 from lo_tf.errors import UserError
-from lo_tf.kernels import ops
 from lo_tf.keras import LearnedOptimizer
+from lo_tf.kernels import ops
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 
 IMPLS = ['reference', 'xla'] + (['custom_op'] if ops.available() else [])
@@ -181,9 +181,9 @@ def test_builds_from_train_dir_checkpoint_path_and_shipped_name(tmp_path, monkey
   lopt = MLPLOpt()
   theta = _random_theta(lopt)
   train_dir = _write_train_dir(str(tmp_path / 'run'), lopt.config(), theta)
-  monkeypatch.setattr(checkpoints, 'PRETRAINED_DIR', str(tmp_path / 'pretrained'))
-  checkpoints.export_pretrained(train_dir, 'tiny', {'command': 'test'},
-                                out_dir=checkpoints.PRETRAINED_DIR)
+  monkeypatch.setattr(pretrained, 'PRETRAINED_DIR', str(tmp_path / 'pretrained'))
+  pretrained.export(train_dir, 'tiny', {'command': 'test'},
+                                out_dir=pretrained.PRETRAINED_DIR)
   for spec in (train_dir, os.path.join(train_dir, 'ckpt-1'), 'tiny'):
     opt = LearnedOptimizer(spec)
     np.testing.assert_array_equal(opt.theta.numpy(), theta.numpy())

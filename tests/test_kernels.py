@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lo_tf import speed
+from lo_tf.benchmarks import inner_speed
+from lo_tf.benchmarks import step_core
 from lo_tf.errors import UserError
 from lo_tf.kernels import ops
 from lo_tf.learned_optimizers import mlp_lopt
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers.curriculum import Curriculum
-from lo_tf.outer_trainers.estimators import MergedEstimator
+from lo_tf.outer_trainers.estimators import GradientEstimator
 from lo_tf.outer_trainers.truncated_step import TruncatedStep
 from lo_tf.tasks.distribution import TaskDistribution
 from lo_tf.tasks.problems import MLP
@@ -172,11 +173,11 @@ def test_gradient_op_matches_numerical_jacobians(index, name):
 
 
 def _truncated_step(lopt):
-  """A 20-step truncated step on 3-way digits tasks and a worker that holds a task."""
+  """A 20-step truncated step on 3-way digits tasks and a slot that holds a task."""
   tasks = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
   step = TruncatedStep(tasks, MLP(tasks.image_shape, 3, hidden=(5,)), lopt, num_inner_steps=20,
                        batch_size=8, objective='train')
-  state, _ = step.reset(step.init_worker_state(1), tf.constant([0, 0], tf.int64))
+  state, _ = step.reset(step.init_slot_state(1), tf.constant([0, 0], tf.int64))
   return step, state
 
 
@@ -208,7 +209,7 @@ def test_antithetic_estimate_agrees_with_the_reference_path():
   for impl in ('reference', 'custom_op'):
     lopt = MLPLOpt(lambda_exp=0.1, lambda_lin=0.1, implementation=impl)
     step, state = _truncated_step(lopt)
-    estimator = MergedEstimator(step, Curriculum(5, 5, 1, 0.0))
+    estimator = GradientEstimator(step, Curriculum(5, 5, 1, 0.0))
     outputs[impl], _ = estimator.estimate(lopt.init_theta(tf.constant([1, 2])), state,
                                           tf.constant(0, tf.int64), tf.constant([7, 8], tf.int64))
   for key in ('loss_pos', 'loss_neg', 'g_rp', 'g_es'):
@@ -292,12 +293,12 @@ def test_implementation_is_reported():
 
 
 def test_speed_results_record_the_implementation():
-  result = speed.benchmark(batch_size=1, image_size=(2, 2, 1), steps=1, repeats=1,
+  result = inner_speed.benchmark(batch_size=1, image_size=(2, 2, 1), steps=1, repeats=1,
                            names=('adam', 'learned'))
   assert result['learned_implementation'] == MLPLOpt().implementation
   assert result['kernel'] == ops.describe()
   assert set(result['ratios']) == set(result['cpu_ratios']) == {'learned/adam'}
-  core = speed.core_benchmark(sizes=(5, 2), trajectories=2, repeats=1)
+  core = step_core.benchmark(sizes=(5, 2), trajectories=2, repeats=1)
   assert set(core['results']) == ({'xla', 'custom_op'} if ops.available() else {'xla'})
   assert all(r['forward_ms'] > 0 and r['forward_backward_ms'] > 0
              for r in core['results'].values())

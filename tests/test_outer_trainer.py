@@ -14,12 +14,15 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from lo_tf import checkpoints
+from lo_tf import checkpointing
 from lo_tf.errors import UserError
 from lo_tf.experiment import Experiment
 from lo_tf.inner_training import InnerTrainer
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.learning_curve import evaluate_checkpoints
+from lo_tf.outer_trainers import estimators
+from lo_tf.outer_trainers.learner import OuterLearner
 from lo_tf.outer_trainers.loop import OuterTrainer
 from lo_tf.outer_trainers.meta_eval import MetaEvaluator
 from lo_tf.outer_trainers.theta_init import ThetaInit
@@ -31,19 +34,11 @@ from lo_tf.tasks.problems import MLP
 _CURRICULUM = ['Curriculum.start = 3', 'Curriculum.end = 6', 'Curriculum.num_outer_steps = 4']
 
 
-@pytest.fixture(scope='module')
-def experiment():
-  tasks = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
-  problem = ConvNet(tasks.image_shape, 3, channels=(4,), strides=(2,))
-  return Experiment(tasks, problem, InnerTrainer(problem, num_steps=12, batch_size=8,
-                                                 eval_every=6))
-
-
 def _trainer(experiment, train_dir, steps=4, bindings=(), **kwargs):
   gin.clear_config()
   gin.parse_config(list(_CURRICULUM) + list(bindings))
   kwargs.setdefault('family', MLPLOpt(implementation='reference'))
-  return OuterTrainer(experiment, str(train_dir), num_workers=2, num_outer_steps=steps,
+  return OuterTrainer(experiment, str(train_dir), num_slots=2, num_outer_steps=steps,
                       checkpoint_every=2, meta_eval_every=1000, meta_eval_tasks=1, **kwargs)
 
 
@@ -73,11 +68,11 @@ def test_training_updates_theta_and_writes_outputs(trained):
   scalars = read_scalars(str(train_dir / 'summaries'))
   np.testing.assert_array_equal(scalars['outer_loss'][0], [1, 2, 3, 4])
   assert 'meta_eval/outer_train/mean_valid_loss' in scalars
-  # Workers carry their inner state: inner steps advanced by the truncation lengths (<= 6 each).
-  steps = trainer.workers.inner_step.numpy()
+  # Slots carry their inner state: inner steps advanced by the truncation lengths (<= 6 each).
+  steps = trainer.sample_source.slots.inner_step.numpy()
   assert np.all((steps >= 1) & (steps <= 12))
   # The best θ by meta-evaluation loads on its own.
-  _, _, best, meta = checkpoints.load_learned_optimizer(str(train_dir / 'best'))
+  _, _, best, meta = pretrained.load(str(train_dir / 'best'))
   assert best.shape == theta.shape and meta['objective'] == 'train'
 
 
@@ -91,7 +86,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(experiment, trained,
   straight.train()
   assert int(resumed.step) == int(straight.step) == 6
   np.testing.assert_array_equal(resumed.theta.numpy(), straight.theta.numpy())
-  for a, b in zip(tf.nest.flatten(resumed.workers), tf.nest.flatten(straight.workers)):
+  for a, b in zip(tf.nest.flatten(resumed.sample_source.slots), tf.nest.flatten(straight.sample_source.slots)):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   assert int(resumed.learner.optimizer.iterations) == 6
 
@@ -114,11 +109,10 @@ def test_a_run_that_learns_nothing_stops_with_an_error(experiment, tmp_path):
 
 
 def test_a_step_that_would_overflow_theta_is_undone(experiment, tmp_path):
-  from lo_tf.outer_trainers.estimators import EstimatorOutput
-  from lo_tf.outer_trainers.learner import OuterLearner
-  learner = OuterLearner(tf.constant([3e38, -1.0]), outer_learning_rate=3e38, clip_value=None)
+  learner = OuterLearner(tf.constant([3e38, -1.0]), estimators.merge, outer_learning_rate=3e38,
+                         clip_value=None)
   zeros = tf.zeros([2])
-  out = EstimatorOutput(g_rp=-tf.ones([2, 2]), g_es=-tf.ones([2, 2]), loss_pos=zeros,
+  out = estimators.EstimatorOutput(g_rp=-tf.ones([2, 2]), g_es=-tf.ones([2, 2]), loss_pos=zeros,
                         loss_neg=zeros, finite=tf.constant([True, True]),
                         lengths=tf.zeros([2], tf.int32), train_loss=zeros,
                         reset=tf.zeros([2], tf.bool))
@@ -128,7 +122,7 @@ def test_a_step_that_would_overflow_theta_is_undone(experiment, tmp_path):
   for v, b in zip(learner.variables(), before):
     np.testing.assert_array_equal(v.numpy(), b)
   with pytest.raises(UserError, match='outer_learning_rate'):
-    OuterLearner(tf.zeros([2]), outer_learning_rate=1e39)
+    OuterLearner(tf.zeros([2]), estimators.merge, outer_learning_rate=1e39)
 
 
 def _flip_data(directory, prefix):
@@ -166,7 +160,7 @@ def test_corrupt_checkpoints_are_an_error_not_a_fresh_start(experiment, trained,
   with pytest.raises(UserError, match='corrupt'):
     _trainer(experiment, copy, steps=8).train()
   with pytest.raises(UserError, match='corrupt'):  # bin/eval's loader refuses it too
-    checkpoints.load_learned_optimizer(str(copy))
+    pretrained.load(str(copy))
   for digest in copy.glob('*.sha256.json'):  # without digests, TensorFlow's reader must notice
     os.remove(digest)
   with pytest.raises(UserError, match='corrupt'):
@@ -198,7 +192,7 @@ def _train_cmd(train_dir, steps):
           '--gin_file=' + os.path.join(REPO, 'gin', 'quickstart.gin'),
           f'--train_dir={train_dir}',
           f'--gin_bindings=OuterTrainer.num_outer_steps={steps}',
-          '--gin_bindings=OuterTrainer.num_workers=2',
+          '--gin_bindings=OuterTrainer.num_slots=2',
           '--gin_bindings=OuterTrainer.checkpoint_every=1',
           '--gin_bindings=OuterTrainer.meta_eval_every=1000',
           '--gin_bindings=OuterTrainer.meta_eval_tasks=1',
@@ -237,10 +231,10 @@ def test_sigkill_midway_then_resume(tmp_path):
   assert json.loads(done.stdout[:done.stdout.rindex('}') + 1])['outer_steps'] == saved + 2
 
 
-@pytest.mark.parametrize('binding', ['MergedEstimator.sigma = 0.0',
-                                     'MergedEstimator.sigma = 1e400',
+@pytest.mark.parametrize('binding', ['GradientEstimator.sigma = 0.0',
+                                     'GradientEstimator.sigma = 1e400',
                                      'OuterLearner.beta_1 = 1.0',
-                                     "MergedEstimator.estimator = 'both'",
+                                     "GradientEstimator.mode = 'both'",
                                      "TruncatedStep.objective = 'test'"])
 def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
   with pytest.raises(UserError):
@@ -249,8 +243,8 @@ def test_nonsense_settings_are_refused(experiment, tmp_path, binding):
 
 
 def test_nonsense_loop_settings_are_refused(experiment, tmp_path):
-  with pytest.raises(UserError, match='num_workers'):
-    OuterTrainer(experiment, str(tmp_path), num_workers=0)
+  with pytest.raises(UserError, match='num_slots'):
+    OuterTrainer(experiment, str(tmp_path), num_slots=0)
 
 
 def test_tuned_theta_init_picks_the_best_step_size_on_outer_train(experiment):
@@ -304,7 +298,7 @@ def test_every_checkpoint_learning_curve_runs_each_baseline_once(experiment, tra
   out = tmp_path / 'curve'
   curve = evaluate_checkpoints(experiment, str(train_dir), str(out), num_tasks=1, num_inits=1,
                                split='outer_test')
-  kept = sorted(int(p.rsplit('-', 1)[1]) for p in checkpoints.kept_checkpoints(train_dir)[0])
+  kept = sorted(int(p.rsplit('-', 1)[1]) for p in checkpointing.kept_checkpoints(train_dir)[0])
   assert [p['outer_step'] for p in curve['points']] == kept and len(kept) >= 2
   assert len({p['theta_sha1'] for p in curve['points']}) == len(kept)
   # One task, 3 baselines x (11 tuning rates + at most 3 chosen rates at init 0, all shared), and

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lo_tf.tasks.problems import MLP
 from lo_tf.tasks.problems import ConvNet
+from lo_tf.tasks.problems import MLP
 
 SEED = tf.constant([3, 4], tf.int64)
 

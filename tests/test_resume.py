@@ -10,19 +10,23 @@ process would.
 import json
 import os
 import shutil
+import sys
 
 import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import logging as absl_logging
 
-from lo_tf import checkpoints
+from lo_tf import checkpointing
 from lo_tf import plotting
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
+from lo_tf.launch import common
 from lo_tf.launch import export
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers import loop
+from lo_tf.outer_trainers import run_checkpoints
 from lo_tf.outer_trainers.loop import OuterTrainer
 
 _CONFIG = ["TaskDistribution.train_source = 'digits'", 'TaskDistribution.num_classes = 3',
@@ -32,7 +36,7 @@ _CONFIG = ["TaskDistribution.train_source = 'digits'", 'TaskDistribution.num_cla
            'Curriculum.num_outer_steps = 4']
 _STEPS = 8
 # Meta-evaluations at 0, 3, 6 and 8; checkpoints at 2, 4, 6 and 8 (3 kept).
-_LOOP = dict(num_workers=2, checkpoint_every=2, meta_eval_every=3, meta_eval_tasks=1,
+_LOOP = dict(num_slots=2, checkpoint_every=2, meta_eval_every=3, meta_eval_tasks=1,
              keep_checkpoints=3)
 # Scalars that time the run rather than describe it.
 _TIMING = ('seconds_per_outer_step', 'peak_rss_mb')
@@ -132,9 +136,9 @@ def test_a_run_killed_at_four_moments_saves_what_an_uninterrupted_one_saves(unin
       # a kill during outer step 5: resumes from ckpt-4 (meta-evaluated at 3, not at 4)
       (loop.LocalSamples, 'batch', during_outer_step_5),
       # meta-evaluated at step 6 (perhaps best/ saved), killed before ckpt-6: step 6 is replayed
-      (loop.Checkpoints, 'save', lambda self, step: 'before' if step == 6 else None),
+      (run_checkpoints.RunCheckpoints, 'save', lambda self, step: 'before' if step == 6 else None),
       # the final checkpoint's index written, killed before its digest
-      (checkpoints, 'write_digest',
+      (checkpointing, 'write_digest',
        lambda prefix: 'before' if prefix.endswith('ckpt-8') else None),
   ]
   for target, name, when in kills:
@@ -197,7 +201,7 @@ def test_orphan_checkpoints_left_by_a_kill_midway_through_a_save_are_removed(uni
   assert sorted(p.name for p in copy.glob('ckpt-*')) == expected['files']
   assert tf.train.get_checkpoint_state(str(copy)).all_model_checkpoint_paths == [
       str(copy / f'ckpt-{n}') for n in (4, 6, 8)]
-  checkpoints.verify_digest(str(copy / 'ckpt-8'))
+  assert checkpointing.digest_problem(str(copy / 'ckpt-8')) is None
 
 
 # ------------------------------------------------------------------ C
@@ -231,7 +235,7 @@ def test_without_recorded_configuration_the_refusal_names_the_binding(uninterrup
   copy = tmp_path / 'copy'
   shutil.copytree(train_dir, copy)
   os.remove(copy / 'config.gin')
-  os.remove(copy / loop.RUN_CONFIG)
+  os.remove(copy / run_checkpoints.RUN_CONFIG)
   with pytest.raises(UserError) as e:
     _trainer(copy, family=MLPLOpt(hidden_size=16, implementation='reference')).train()
   message = str(e.value)
@@ -243,7 +247,7 @@ def test_without_recorded_configuration_the_refusal_names_the_binding(uninterrup
 
 @pytest.mark.parametrize('binding', ['OuterLearner.outer_learning_rate = 1e38',
                                      'OuterLearner.outer_learning_rate = 1e-30',
-                                     'MergedEstimator.sigma = 1e10'])
+                                     'GradientEstimator.sigma = 1e10'])
 def test_absurd_outer_learning_rates_and_sigmas_are_refused_up_front(tmp_path, binding):
   with pytest.raises(UserError) as e:
     _trainer(tmp_path / 'run', bindings=[binding])
@@ -264,14 +268,14 @@ def test_a_blow_up_stops_the_run_naming_a_checkpoint_from_before_it(tmp_path, mo
   restore (Adam's learning rate is a checkpointed variable)."""
   _trainer(tmp_path, steps=2, checkpoint_every=1, max_unusable_steps=3).train()
   trainer = _trainer(tmp_path, steps=8, checkpoint_every=1, max_unusable_steps=3)
-  restore = loop.Checkpoints.restore
+  restore = run_checkpoints.RunCheckpoints.restore
 
   def restore_then_raise_the_learning_rate(self):
     step = restore(self)
     trainer.learner.optimizer.learning_rate.assign(1e37)
     return step
 
-  monkeypatch.setattr(loop.Checkpoints, 'restore', restore_then_raise_the_learning_rate)
+  monkeypatch.setattr(run_checkpoints.RunCheckpoints, 'restore', restore_then_raise_the_learning_rate)
   with pytest.raises(UserError) as e:
     trainer.train()
   message = str(e.value)
@@ -289,7 +293,7 @@ def test_a_blow_up_stops_the_run_naming_a_checkpoint_from_before_it(tmp_path, mo
 
 @pytest.mark.parametrize('setting, fragment', [
     ('learning_rate', 'θ moving by at most'),
-    ('sigma', 'MergedEstimator.sigma=1e+10 is probably too large')])
+    ('sigma', 'GradientEstimator.sigma=1e+10 is probably too large')])
 def test_a_frozen_run_stops_naming_the_cause(tmp_path, setting, fragment):
   trainer = _trainer(tmp_path, steps=8, max_unusable_steps=3)
   if setting == 'learning_rate':  # set behind the up-front check
@@ -316,14 +320,11 @@ _DISK_FULL = ('{{function_node __wrapped__SaveV2_dtypes_14_device_/job:localhost
 def test_a_full_disk_mid_run_is_a_clean_error_line(tmp_path, monkeypatch, capfd):
   """The error TensorFlow raises when a checkpoint save hits a full disk, through bin/'s runner:
   the progress bar ends its line, and the error line names the file and the cause only."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  from lo_tf.launch import common  # pylint: disable=g-import-not-at-top
 
   def full(self, step):
     raise tf.errors.ResourceExhaustedError(None, None, _DISK_FULL.replace('{dir}', str(tmp_path)))
 
-  monkeypatch.setattr(loop.Checkpoints, 'save', full)
+  monkeypatch.setattr(run_checkpoints.RunCheckpoints, 'save', full)
   monkeypatch.setattr(sys, 'argv', ['bin/train'])
   trainer = _trainer(tmp_path, steps=4)
   verbosity = absl_logging.get_verbosity()

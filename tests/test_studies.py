@@ -33,7 +33,7 @@ from lo_tf.tasks.distribution import TaskDistribution
 STUDY = os.path.join(REPO, 'bin', 'study')
 # Tiny outer-training on digits for the runner tests: seconds per outer step.
 TINY_TRAINING = ['InnerTrainer.num_steps = 8', 'InnerTrainer.eval_every = 4',
-                 'OuterTrainer.num_workers = 2', 'OuterTrainer.num_outer_steps = 2',
+                 'OuterTrainer.num_slots = 2', 'OuterTrainer.num_outer_steps = 2',
                  'OuterTrainer.meta_eval_every = 1', 'OuterTrainer.meta_eval_tasks = 1',
                  'Curriculum.start = 3', 'Curriculum.end = 4', 'Curriculum.num_outer_steps = 2',
                  'MLP.hidden = (4,)', "MLPLOpt.implementation = 'reference'"]
@@ -218,9 +218,9 @@ def test_every_ablation_config_builds_and_runs_one_outer_step(name, tmp_path):
     assert stats['rp_weight'] == expected_weight[name]
   if name.startswith('fixed_'):
     k = int(name.split('_')[1])
-    assert trainer.estimator.curriculum.base_length(0) == k
+    assert trainer.estimator.curriculum.start == k
     assert trainer.estimator.curriculum.jitter == 0.0
-    # A worker's first truncation is a fraction of k, never past T = 40.
+    # A slot's first truncation is a fraction of k, never past T = 40.
     assert 1 <= stats['unroll_length'] <= min(k, 40)
 
 

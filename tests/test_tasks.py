@@ -8,6 +8,7 @@ import pytest
 from conftest import OMNIGLOT
 from conftest import require
 from lo_tf.errors import UserError
+from lo_tf.tasks import distribution
 from lo_tf.tasks.distribution import OUTER_TEST
 from lo_tf.tasks.distribution import OUTER_TRAIN
 from lo_tf.tasks.distribution import OUTER_VALID
@@ -352,7 +353,6 @@ def test_seeds_enumerate_every_distinct_class_set_before_repeating(digits3, spli
 
 
 def test_splits_with_many_class_sets_draw_them_at_random(monkeypatch):
-  from lo_tf.tasks import distribution  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(distribution, 'MAX_ENUMERATED_TASKS', 1)
   d = TaskDistribution('digits', num_classes=3, outer_train_fraction=0.5)
   sets = [frozenset(_uncached(d, OUTER_TRAIN, seed).classes.tolist()) for seed in range(10)]

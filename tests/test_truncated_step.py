@@ -1,4 +1,4 @@
-"""Workers, truncated unrolls and the antithetic estimator (paper §2.2, §3, App. A, App. B)."""
+"""Slots, truncated unrolls and the antithetic estimator (paper §2.2, §3, App. A, App. B)."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from lo_tf.errors import UserError
 from lo_tf.learned_optimizers.hyperparameters import LearnedLearningRate
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers.curriculum import Curriculum
-from lo_tf.outer_trainers.estimators import MergedEstimator
+from lo_tf.outer_trainers.estimators import GradientEstimator
 from lo_tf.outer_trainers.truncated_step import TruncatedStep
 from lo_tf.outer_trainers.truncated_step import tile_state
 from lo_tf.tasks.distribution import OUTER_TRAIN
@@ -41,9 +41,9 @@ class Quadratic(Problem):
     return 0.5 * tf.reduce_sum(self.a * tf.square(params[0]), axis=-1)
 
 
-def _started(step, workers, seed=0):
-  """A WorkerState whose workers all hold a task (reset from the initial state)."""
-  state, _ = step.reset(step.init_worker_state(workers), tf.constant([seed, 0], tf.int64))
+def _started(step, slots, seed=0):
+  """A SlotState whose slots all hold a task (reset from the initial state)."""
+  state, _ = step.reset(step.init_slot_state(slots), tf.constant([seed, 0], tf.int64))
   return state
 
 
@@ -89,7 +89,7 @@ def test_rp_gradient_matches_finite_differences_of_the_unrolled_loss(tasks, mlp)
 def test_masked_lengths_and_copies_sharing_batches(tasks, mlp):
   lopt = MLPLOpt(lambda_lin=0.1, implementation='reference')
   step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=20, batch_size=8)
-  state = tile_state(_started(step, 1), 2)  # one worker, two copies
+  state = tile_state(_started(step, 1), 2)  # one slot, two copies
   theta = tf.tile(lopt.init_theta(tf.constant([1, 2]))[None], [2, 1])
   seed = tf.constant([5, 5], tf.int64)
   loss, end, _ = step.unroll(theta, state, tf.constant([3, 5]), seed, pairs=2)
@@ -130,7 +130,7 @@ def test_reset_starts_new_tasks_in_the_graph_only_where_due(tasks, mlp):
   state = _started(step, 3)
   seeds = state.task_seed.numpy()
   assert np.all(seeds >= 0) and len(set(seeds)) == 3
-  for s in range(3):  # each worker's task and weights are the host-side task of its seed
+  for s in range(3):  # each slot's task and weights are the host-side task of its seed
     task = tasks.sample_task(OUTER_TRAIN, int(seeds[s]))
     np.testing.assert_array_equal(tasks.images(state.train_idx[s]).numpy(), task.x_train.numpy())
     init = mlp.init(tf.constant([seeds[s], 1], tf.int64))
@@ -144,9 +144,9 @@ def test_reset_starts_new_tasks_in_the_graph_only_where_due(tasks, mlp):
 
 
 def _reference_sample(step, lopt, theta, state, s, k, noise, seed, sigma):
-  """One worker's antithetic sample, one trajectory at a time with the unbatched optimizer."""
+  """One slot's antithetic sample, one trajectory at a time with the unbatched optimizer."""
   fold = lambda i: tf.random.experimental.stateless_fold_in(seed, i)
-  workers = state.inner_step.shape[0]
+  slots = state.inner_step.shape[0]
   losses, grads = [], []
   for sign in (1.0, -1.0):
     th = tf.constant(theta + sign * noise[s])
@@ -157,17 +157,17 @@ def _reference_sample(step, lopt, theta, state, s, k, noise, seed, sigma):
       opt_state = tf.nest.map_structure(lambda x: x[s], state.opt_state)
       total = 0.0
       for i in range(k):
-        x, y = step._batch(state.train_idx, fold(2 * i), step.tasks.n_train, 1)
+        x, y = step.minibatches(state.train_idx, fold(2 * i), step.tasks.n_train, 1)
         with tf.GradientTape() as inner:
           inner.watch(params)
           loss = step.problem.loss(params, x[0, s], y[0, s])
         params, opt_state = opt.update(inner.gradient(loss, params), opt_state, params)
-        x, y = step._batch(state.train_idx, fold(2 * i + 1), step.tasks.n_train, 1)
+        x, y = step.minibatches(state.train_idx, fold(2 * i + 1), step.tasks.n_train, 1)
         total += tf.minimum(step.problem.loss(params, x[0, s], y[0, s]), 10.0)
       loss = total / k
     losses.append(float(loss))
     grads.append(tape.gradient(loss, th).numpy())
-  assert workers  # batches are drawn for all workers at once, as the batched unroll does
+  assert slots  # batches are drawn for all slots at once, as the batched unroll does
   g_rp = 0.5 * (grads[0] + grads[1])
   g_es = 0.5 * (losses[0] - losses[1]) * noise[s] / sigma**2
   return losses, g_rp, g_es
@@ -178,7 +178,7 @@ def test_batched_estimator_equals_one_sample_at_a_time_reference(tasks, mlp):
   step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=40, batch_size=8, objective='train',
                        meta_loss_batches=1)
   sigma = 0.1
-  estimator = MergedEstimator(step, Curriculum(4, 4, 1, 0.0), sigma=sigma)
+  estimator = GradientEstimator(step, Curriculum(4, 4, 1, 0.0), sigma=sigma)
   state = _started(step, 2)._replace(inner_step=tf.constant([3, 5]))  # no reset: full k = 4
   theta = lopt.init_theta(tf.constant([5, 6]))
   seed = tf.constant([4, 2], tf.int64)
@@ -202,9 +202,9 @@ def test_batched_estimator_equals_one_sample_at_a_time_reference(tasks, mlp):
 def test_first_truncations_on_a_task_desynchronize_workers(tasks, mlp):
   lopt = MLPLOpt(implementation='reference')
   step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=100, batch_size=4)
-  estimator = MergedEstimator(step, Curriculum(30, 30, 1, 0.0), estimator='es')
+  estimator = GradientEstimator(step, Curriculum(30, 30, 1, 0.0), mode='es')
   out, state = estimator.estimate(lopt.init_theta(tf.constant([0, 0])),
-                                  estimator.init_worker_state(6), tf.constant(0, tf.int64),
+                                  estimator.init_slot_state(6), tf.constant(0, tf.int64),
                                   tf.constant([0, 0], tf.int64))
   lengths = out.lengths.numpy()
   assert out.reset.numpy().all() and np.all((lengths >= 1) & (lengths <= 30))
@@ -216,7 +216,7 @@ def test_first_truncations_on_a_task_desynchronize_workers(tasks, mlp):
 def test_a_non_finite_worker_is_dropped_and_asks_for_a_new_task(tasks, mlp):
   lopt = MLPLOpt(implementation='reference')
   step = TruncatedStep(tasks, mlp, lopt, num_inner_steps=100, batch_size=4)
-  estimator = MergedEstimator(step, Curriculum(3, 3, 1, 0.0))
+  estimator = GradientEstimator(step, Curriculum(3, 3, 1, 0.0))
   state = _started(step, 2)._replace(inner_step=tf.constant([10, 10]))
   poisoned = [tf.tensor_scatter_nd_update(p, [[0]], [tf.fill(p.shape[1:], np.nan)])
               for p in state.params]

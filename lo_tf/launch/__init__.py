@@ -1,1 +1,1 @@
-"""What the `bin/` tools call: flag and gin plumbing, and one `*_from_flags` per tool."""
+"""What the `bin/` tools call: flag plumbing and one `*_from_flags` per tool (the top layer)."""

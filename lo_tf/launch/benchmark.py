@@ -6,13 +6,14 @@ import os
 
 import gin
 
+from lo_tf import config
 from lo_tf import io_utils
-from lo_tf import speed
+from lo_tf.benchmarks import inner_speed
+from lo_tf.benchmarks import outer_throughput
+from lo_tf.benchmarks import step_core
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
-from lo_tf.launch import common
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
-from lo_tf.outer_trainers.benchmark import outer_benchmark
 
 
 def _check_json_out(json_out):
@@ -30,7 +31,7 @@ def _write(json_out, result):
 
 def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, names, json_out,
                                core_trajectories=0, core_sizes=(), gin_files=(), gin_bindings=()):
-  """Validates flag values, runs `speed.benchmark` (and `speed.core_benchmark` when
+  """Validates flag values, runs `inner_speed.benchmark` (and `step_core.benchmark` when
   core_trajectories > 0, under the JSON key "core"; core_sizes empty: the Omniglot CNN's sizes),
   prints tables, writes JSON.
 
@@ -46,7 +47,7 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
   except ValueError:
     raise UserError(f'--image_size={",".join(image_size)} must be three integers H,W,C') from None
   try:
-    core_shape = tuple(int(v) for v in core_sizes) or speed.OMNIGLOT_CNN_SIZES
+    core_shape = tuple(int(v) for v in core_sizes) or step_core.OMNIGLOT_CNN_SIZES
   except ValueError:
     raise UserError(f'--core_sizes={",".join(core_sizes)} must be integers') from None
   if not names:
@@ -56,13 +57,14 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
   _check_json_out(json_out)
   problem = None
   if gin_files:
-    common.parse_gin(gin_files, gin_bindings)
-    experiment = common.build(build_experiment)
+    config.parse_gin(gin_files, gin_bindings)
+    experiment = config.build(build_experiment)
     problem, batch_size = experiment.problem, experiment.trainer.batch_size
     if not core_sizes:
       core_shape = tuple(math.prod(s) for s, _, _ in problem.param_shapes())
-  result = speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps, repeats=repeats,
-                           device=device, names=tuple(names), problem=problem)
+  result = inner_speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps,
+                                 repeats=repeats, device=device, names=tuple(names),
+                                 problem=problem)
   if gin_files:
     result['config'] = gin.config_str()
   print(f'{result["problem"]["name"]} {"x".join(map(str, result["image_size"]))}, '
@@ -76,7 +78,7 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
   for name, ratio in result['ratios'].items():
     print(f'ratio {name}: {ratio:.3f} (of CPU time: {result["cpu_ratios"][name]:.3f})')
   if core_trajectories:
-    core = speed.core_benchmark(sizes=core_shape, trajectories=core_trajectories, repeats=repeats,
+    core = step_core.benchmark(sizes=core_shape, trajectories=core_trajectories, repeats=repeats,
                                 device=device)
     result['core'] = core
     print(f'step of M={core_trajectories} x N={sum(core_shape)}: {"":<5} forward ms  '
@@ -100,10 +102,10 @@ def outer_benchmark_from_flags(gin_files, gin_bindings, num_samples, unroll_leng
     raise UserError('--outer needs --gin_file (the experiment to time), '
                     'e.g. --gin_file=gin/omniglot.gin')
   _check_json_out(json_out)
-  common.parse_gin(gin_files, gin_bindings)
-  experiment = common.build(build_experiment)
-  family = common.build(MLPLOpt)
-  result = {'outer': outer_benchmark(experiment, family, num_samples, unroll_length, repeats),
+  config.parse_gin(gin_files, gin_bindings)
+  experiment = config.build(build_experiment)
+  family = config.build(MLPLOpt)
+  result = {'outer': outer_throughput.benchmark(experiment, family, num_samples, unroll_length, repeats),
             'config': gin.config_str()}
   print(json.dumps(result['outer'], indent=2))
   _write(json_out, result)

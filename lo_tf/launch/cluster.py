@@ -204,10 +204,6 @@ class LocalCluster:
     """Marks the chief connected: from now on a task's exit is TensorFlow's to handle."""
     self._connected.set()
 
-  def pids(self):
-    """{(job, index): pid} of the tasks."""
-    return {key: p.pid for key, p in self._procs.items()}
-
   def _last_line(self, job, index):
     try:
       with open(os.path.join(self.task_dir, f'{job}-{index}.log'), 'rb') as f:

@@ -1,4 +1,7 @@
-"""The flag plumbing of every `bin/` tool: flag and gin parsing, one-line errors with exit 2."""
+"""The flag plumbing of every `bin/` tool: flag parsing, gin flags, one-line errors with exit 2.
+
+Gin parsing and building are `lo_tf.config`'s.
+"""
 
 import logging as std_logging
 import os
@@ -10,10 +13,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
-import gin
 import tensorflow as tf
 
-from lo_tf import all_configurables  # pylint: disable=unused-import  (every gin name is known)
 from lo_tf.errors import UserError
 
 EXIT_USAGE = 2
@@ -53,39 +54,6 @@ def define_gin_flags():
   """Defines --gin_file and --gin_bindings (binaries adopt them to list them in --help)."""
   flags.DEFINE_multi_string('gin_file', [], 'Gin config file(s), parsed in order.')
   flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "InnerTrainer.num_steps=100".')
-
-
-def parse_gin(gin_files, gin_bindings, extra_bindings=()):
-  """Parses gin files and bindings after importing every configurable.
-
-  Raises:
-    UserError: for a missing gin file, an unknown configurable or parameter, or a syntax error.
-  """
-  if not gin_files:
-    raise UserError('no --gin_file given; pass a config, e.g. --gin_file=gin/quickstart.gin')
-  for f in gin_files:
-    if not os.path.isfile(f):
-      what = 'is a directory' if os.path.isdir(f) else 'does not exist'
-      raise UserError(f'gin file {f!r} {what}; pass an existing file to --gin_file')
-  try:
-    gin.parse_config_files_and_bindings(gin_files, list(gin_bindings) + list(extra_bindings),
-                                        finalize_config=False)
-  except Exception as e:  # gin raises ValueError, SyntaxError, KeyError... for config errors
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
-
-
-def build(constructor, *args, **kwargs):
-  """Calls a gin-configured constructor; a bad configured value becomes a one-line UserError.
-
-  Gin evaluates macros and references only when the constructor is called, so type errors of the
-  configuration (an undefined macro, a reference to the wrong class) surface here.
-  """
-  try:
-    return constructor(*args, **kwargs)
-  except TypeError as e:
-    first = str(e).strip().splitlines()[0]
-    raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
 
 
 def run(main):

@@ -3,15 +3,14 @@
 import json
 import os
 
-from lo_tf import all_configurables  # pylint: disable=unused-import
-from lo_tf import checkpoints
+from lo_tf import config
 from lo_tf import io_utils
-from lo_tf.evaluation import Evaluator
 from lo_tf.errors import UserError
-from lo_tf.evaluation import theta_hash
+from lo_tf.evaluation import Evaluator
 from lo_tf.experiment import build_experiment
+from lo_tf.io_utils import array_digest
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.learning_curve import evaluate_checkpoints
-from lo_tf.launch import common
 from lo_tf.tasks.distribution import OUTER_TEST
 
 
@@ -29,9 +28,9 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
   if every_checkpoint and not checkpoint:
     raise UserError('--every_checkpoint needs --checkpoint=TRAIN_DIR (a bin/train directory)')
   extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []
-  common.parse_gin(gin_files, gin_bindings, extra)
+  config.parse_gin(gin_files, gin_bindings, extra)
   if every_checkpoint:
-    experiment = common.build(build_experiment)
+    experiment = config.build(build_experiment)
     with io_utils.remove_created_dirs_on_error(output_dir):
       curve = evaluate_checkpoints(experiment, checkpoint, output_dir, num_tasks, num_inits,
                                    split=split, first_task=first_task)
@@ -42,12 +41,12 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
     return curve
   learned = provenance = None
   if checkpoint:
-    name, family, theta, meta = checkpoints.load_learned_optimizer(checkpoint)
+    name, family, theta, meta = pretrained.load(checkpoint)
     learned = (name, family, theta)
     provenance = {'spec': checkpoint, 'checkpoint': meta.get('checkpoint'),
-                  'theta_sha1': theta_hash(theta), 'outer_steps': meta.get('outer_steps'),
+                  'theta_sha1': array_digest(theta), 'outer_steps': meta.get('outer_steps'),
                   'objective': meta.get('objective'), 'lopt': meta.get('lopt')}
-  experiment = common.build(build_experiment)
+  experiment = config.build(build_experiment)
   with io_utils.remove_created_dirs_on_error(output_dir):  # a refused run leaves no empty dir
     results = Evaluator(experiment, output_dir, num_tasks=num_tasks, num_inits=num_inits,
                         learned=learned, first_task=first_task, split=split,

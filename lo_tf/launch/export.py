@@ -1,14 +1,16 @@
 """`bin/export_optimizer`: ships a trained θ into lo_tf/pretrained with how it was made."""
 
 import os
-import platform
 
 from absl import logging
 
-from lo_tf import checkpoints
+from lo_tf import config
 from lo_tf import io_utils
+from lo_tf import provenance
 from lo_tf.errors import UserError
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.outer_trainers import loop
+from lo_tf.outer_trainers import run_checkpoints
 
 
 def _candidate(spec):
@@ -18,7 +20,7 @@ def _candidate(spec):
   `best_meta_eval_score` (paper §4.3: outer-training loss selects the model); a checkpoint path
   stands for itself and has no score.
   """
-  best = os.path.join(spec, loop.BEST)
+  best = os.path.join(spec, run_checkpoints.BEST)
   if os.path.isdir(spec) and os.path.isdir(best):
     record = os.path.join(spec, loop.THROUGHPUT)
     if not os.path.exists(record):
@@ -38,12 +40,12 @@ _SCORE_BINDINGS = ('TaskDistribution.', 'InnerTrainer.', 'build_experiment.', 'C
 
 def _score_bindings(train_dir):
   """({binding: value} that define what `train_dir`'s score measures, complete), or (None, _)."""
-  for name, complete in ((loop.RUN_CONFIG, True), ('config.gin', False)):
+  for name, complete in ((run_checkpoints.RUN_CONFIG, True), ('config.gin', False)):
     path = os.path.join(train_dir, name)
     if os.path.exists(path):
       try:
         with open(path) as f:
-          bindings = loop.parse_bindings(f.read())
+          bindings = config.parse_bindings(f.read())
       except (OSError, UnicodeDecodeError):
         continue
       return {k: v for k, v in bindings.items() if k.startswith(_SCORE_BINDINGS)}, complete
@@ -59,16 +61,16 @@ def _check_comparable(candidates):
                     'compared', len(records) - len(known))
   for (spec_a, a, full_a), (spec_b, b, full_b) in zip(known, known[1:]):
     keys = set(a) | set(b) if full_a and full_b else set(a) & set(b)
-    differences = loop.config_differences({k: a[k] for k in keys if k in a},
-                                          {k: b[k] for k in keys if k in b}, ignore=())
+    differences = config.config_differences({k: a[k] for k in keys if k in a},
+                                            {k: b[k] for k in keys if k in b}, ignore=())
     if differences:
       raise UserError(f'--checkpoint runs {spec_a} and {spec_b} were outer-trained on different '
-                      f'tasks or inner training: {loop.describe_differences(differences, 3)}; '
+                      f'tasks or inner training: {config.describe_differences(differences, 3)}; '
                       'their meta-eval scores are not comparable: rank runs of one configuration')
 
 
 def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_revision=None,
-                      overwrite=False, out_dir=checkpoints.PRETRAINED_DIR):
+                      overwrite=False, out_dir=pretrained.PRETRAINED_DIR):
   """`bin/export_optimizer`: picks the best of several runs and ships its θ with its provenance.
 
   Args:
@@ -91,7 +93,7 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
       finished train_dirs or that ran on different tasks or inner training (their scores are not
       comparable), a missing or corrupt checkpoint, or an unreadable record.
   """
-  checkpoints.check_export_name(name, out_dir, overwrite)
+  pretrained.check_export_name(name, out_dir, overwrite)
   if isinstance(checkpoints_specs, str):
     checkpoints_specs = [checkpoints_specs]
   candidates = [(spec,) + _candidate(spec) for spec in checkpoints_specs]
@@ -102,7 +104,7 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
     _check_comparable(candidates)
   spec, theta_spec, directory, score = min(
       candidates, key=lambda c: float('inf') if c[3] is None else c[3])
-  meta = {'command': command, 'machine': platform.processor() or platform.machine(),
+  meta = {'command': command, 'machine': provenance.machine(),
           'selection': [{'train_dir': s, 'best_meta_eval_score': sc} for s, _, _, sc in
                         candidates] if len(candidates) > 1 else None,
           'selected': spec}
@@ -117,9 +119,9 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
     with open(config) as f:
       meta['config'] = f.read()
   meta['git_revision'] = (git_revision or meta.get('throughput', {}).get('git_revision') or
-                          loop.git_revision())
+                          provenance.git_revision())
   if eval_results:
     results = io_utils.read_json(eval_results, dict, 'evaluation results',
                                  'pass a results.json written by bin/eval')
     meta['eval_summary'] = results.get('summary')
-  return checkpoints.export_pretrained(theta_spec, name, meta, out_dir, overwrite)
+  return pretrained.export(theta_spec, name, meta, out_dir, overwrite)

@@ -3,11 +3,10 @@
 import json
 import os
 
-import gin
 
+from lo_tf import config
 from lo_tf import io_utils
 from lo_tf.errors import UserError
-from lo_tf.launch import common
 from lo_tf.studies import ablations
 from lo_tf.studies import base
 from lo_tf.studies import landscape
@@ -25,8 +24,8 @@ _FLAGS = {'checkpoint': '--checkpoint', 'num_seeds': '--num_seeds', 'train_dirs'
 
 
 def default_gin_file(name):
-  """gin/studies/<name>.gin of this checkout, the config a study runs with by default."""
-  return os.path.join(base.GIN_DIR, name + '.gin')
+  """gin/studies/<name>.gin, the config a study runs with by default (`config.find_gin_file`)."""
+  return f'gin/studies/{name}.gin'
 
 
 def study_from_flags(name, output_dir, gin_files=(), gin_bindings=(), checkpoint=None,
@@ -61,9 +60,8 @@ def study_from_flags(name, output_dir, gin_files=(), gin_bindings=(), checkpoint
                       f'accepts {accepted}')
   if options.num_seeds is not None and options.num_seeds < 1:
     raise UserError(f'--num_seeds={options.num_seeds} must be >= 1')
-  gin.add_config_file_search_path(base.REPO_ROOT)
   base.parse_sub_config(options.gin_files, options.gin_bindings)
-  study = common.build(cls)
+  study = config.build(cls)
   with io_utils.remove_created_dirs_on_error(output_dir):  # a refused run leaves no empty dir
     results = base.run(study, output_dir, options)
   print(json.dumps(io_utils.json_safe(results.get('summary', {})), indent=2))

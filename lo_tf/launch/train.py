@@ -9,17 +9,14 @@ import gin
 import tensorflow as tf
 from absl import logging
 
-from lo_tf import all_configurables  # pylint: disable=unused-import
+from lo_tf import config
 from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import cluster as cluster_lib
-from lo_tf.launch import common
 from lo_tf.outer_trainers import distributed
 from lo_tf.outer_trainers import loop
-
-BIN_TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'bin', 'train')
+from lo_tf.outer_trainers import run_checkpoints
 
 
 def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test_source=None,
@@ -50,9 +47,9 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
     extra.append(f'TaskDistribution.train_source = {train_source!r}')
   if test_source:
     extra.append(f'TaskDistribution.test_source = {test_source!r}')
-  common.parse_gin(gin_files, gin_bindings, extra)
+  config.parse_gin(gin_files, gin_bindings, extra)
   if kind is None:
-    return _train(common.build(lambda: loop.OuterTrainer(build_experiment(), train_dir,
+    return _train(config.build(lambda: loop.OuterTrainer(build_experiment(), train_dir,
                                                          seed=seed)), train_dir)
   if kind[0] == cluster_lib.TF_CONFIG:
     resolver = cluster_lib.tf_config_resolver()
@@ -60,8 +57,9 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
       cluster_lib.serve(resolver, distributed.task_manifest(), intra_op_threads)
       return None
     return _train_chief(resolver, cluster_lib.task_dir(), train_dir, seed)
-  task = [sys.executable, BIN_TRAIN, '--cluster=tf_config', '--intra_op_threads=1',
-          f'--train_dir={train_dir}', f'--seed={seed}']
+  # The tasks run the binary that started this process (bin/train), wherever lo_tf is installed.
+  task = [sys.executable, os.path.abspath(sys.argv[0]), '--cluster=tf_config',
+          '--intra_op_threads=1', f'--train_dir={train_dir}', f'--seed={seed}']
   task += [f'--gin_file={f}' for f in gin_files] + [f'--gin_bindings={b}' for b in gin_bindings]
   task += [f'--{name}={value}' for name, value in (('train_source', train_source),
                                                    ('test_source', test_source)) if value]
@@ -71,17 +69,17 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
 
 def _train_chief(resolver, task_dir, train_dir, seed, on_connected=None):
   """The chief of a cluster: connects, checks the workers' configurations, outer-trains."""
-  experiment = common.build(build_experiment)
+  experiment = config.build(build_experiment)
   coordinator = cluster_lib.connect(resolver)
   if on_connected:
     on_connected()
   manifest = distributed.task_manifest()
   paths = distributed.worker_manifest_paths(resolver.cluster_spec(), task_dir)
   distributed.check_workers(paths, manifest)
-  samples = functools.partial(distributed.ClusterSamples, coordinator, manifest=manifest,
-                              manifest_paths=paths, cluster_workers=len(paths))
-  trainer = common.build(lambda: loop.OuterTrainer(experiment, train_dir, seed=seed,
-                                                   samples=samples))
+  source = functools.partial(distributed.ClusterSamples, coordinator, manifest=manifest,
+                             manifest_paths=paths, cluster_workers=len(paths))
+  trainer = config.build(lambda: loop.OuterTrainer(experiment, train_dir, seed=seed,
+                                                   sample_source=source))
   try:
     return _train(trainer, train_dir)
   except tf.errors.UnavailableError as e:
@@ -106,7 +104,7 @@ def _train(trainer, train_dir):
   print(f'TensorBoard summaries: {os.path.join(train_dir, "summaries")} '
         f'(tensorboard --logdir {train_dir})')
   print(f'checkpoints: {train_dir}; best θ by meta-evaluation (outer-valid where the config has it): '
-        f'{os.path.join(train_dir, loop.BEST)}  (evaluate with bin/eval --checkpoint=...)')
+        f'{os.path.join(train_dir, run_checkpoints.BEST)}  (evaluate with bin/eval --checkpoint=...)')
   return result
 
 

@@ -1,1 +1,1 @@
-"""Learned optimizers: maps from meta-parameters θ to `lo_tf.optimizers.base.Optimizer`s."""
+"""Learned-optimizer families (maps θ -> inner optimizer), their interface, shipped ones by name."""

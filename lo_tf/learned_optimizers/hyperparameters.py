@@ -2,9 +2,9 @@
 
 The simplest learned optimizer: θ = [log lr] of SGD or Adam. Paper §2.4 (Fig. 4) outer-trains
 Adam's learning rate with truncated unrolls to expose truncation bias; App. A differentiates an
-unrolled SGD learning rate. It is a family like `MLPLOpt`: `family(θ)` is an optimizer and
-`batched_optimizer(θs [M, 1])` one for M trajectories at once, so the outer-training engine trains
-it unchanged.
+unrolled SGD learning rate. It is a `LearnedOptimizerFamily` like `MLPLOpt`: `family(θ)` is an
+optimizer and `batched_optimizer(θs [M, 1])` one for M trajectories at once, so the outer-training
+engine trains it unchanged.
 """
 
 import math
@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from lo_tf.errors import UserError
 from lo_tf.errors import check_number
+from lo_tf.learned_optimizers.base import LearnedOptimizerFamily
 from lo_tf.optimizers.hand_designed import Adam
 from lo_tf.optimizers.hand_designed import SGDMomentum
 
@@ -21,7 +22,7 @@ _BASES = {'adam': Adam, 'sgd': lambda lr: SGDMomentum(lr, momentum=0.0)}
 
 
 @gin.configurable
-class LearnedLearningRate:
+class LearnedLearningRate(LearnedOptimizerFamily):
   """θ = [log learning rate] of a hand-designed optimizer.
 
   Args:
@@ -42,6 +43,7 @@ class LearnedLearningRate:
     self.base, self.initial_learning_rate = base, float(initial_learning_rate)
 
   def config(self):
+    """{'base', 'initial_learning_rate'}: `LearnedLearningRate(**config())` rebuilds it."""
     return {'base': self.base, 'initial_learning_rate': self.initial_learning_rate}
 
   def init_theta(self, seed):
@@ -49,7 +51,8 @@ class LearnedLearningRate:
     del seed
     return tf.constant([math.log(self.initial_learning_rate)], tf.float32)
 
-  def __call__(self, theta):
+  def optimizer(self, theta):
+    """The base optimizer at learning rate exp(θ[0]) (θ float32 [1])."""
     return _BASES[self.base](tf.exp(theta[0]))
 
   def batched_optimizer(self, thetas):

@@ -42,6 +42,8 @@ import tensorflow as tf
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
 from lo_tf.errors import check_number
+from lo_tf.kernels import ops
+from lo_tf.learned_optimizers.base import LearnedOptimizerFamily
 from lo_tf.optimizers.base import Optimizer
 
 # Largest exponent passed to exp(): the step multiplier never exceeds e^10 and never overflows.
@@ -61,7 +63,7 @@ N is the number of inner weights of all tensors, flattened and concatenated in o
 
 
 @gin.configurable
-class MLPLOpt:
+class MLPLOpt(LearnedOptimizerFamily):
   """The learned optimizer family: `optimizer(theta)` gives the inner optimizer u(·; θ).
 
   Args:
@@ -230,7 +232,6 @@ class MLPLOpt:
       (new w [M, N], new m, new v).
     """
     if self.implementation == 'custom_op':
-      from lo_tf.kernels import ops  # pylint: disable=g-import-not-at-top
       return ops.mlp_lopt_step(self, theta, g, w, t, m, v, sizes)
     if self.implementation == 'xla':
       return self._xla_core(theta, g, w, t, m, v, tuple(sizes))
@@ -269,20 +270,16 @@ class MLPLOpt:
     return w - step, m, v
 
   def optimizer(self, theta):
-    """The inner optimizer u(·; θ) for θ float32 [num_meta_params] (a `LearnedOptimizer`)."""
-    return LearnedOptimizer(self, theta)
-
-  # The family is the map θ -> optimizer (§2.1): `lopt(theta)` is `lopt.optimizer(theta)`, so an
-  # MLPLOpt serves wherever a hand-designed family (learning rate -> optimizer) does.
-  __call__ = optimizer
+    """The inner optimizer u(·; θ) for θ float32 [num_meta_params] (a `BoundMLPLOpt`)."""
+    return BoundMLPLOpt(self, theta)
 
   def batched_optimizer(self, thetas):
     """u(·; θ_m) for M θ's at once, float32 [M, num_meta_params]: params carry a leading M axis."""
-    return LearnedOptimizer(self, thetas, batched=True)
+    return BoundMLPLOpt(self, thetas, batched=True)
 
 
-class LearnedOptimizer(Optimizer):
-  """The inner optimizer u(·; θ) for one θ (or M, batched): an ordinary `Optimizer`.
+class BoundMLPLOpt(Optimizer):
+  """`MLPLOpt` bound to one θ (or M, batched): the inner optimizer u(·; θ), an ordinary `Optimizer`.
 
   State: `MLPLOptState`. With `batched=True`, params, grads and state leaves carry a leading axis
   of M trajectories and θ is [M, num_meta_params].
@@ -323,7 +320,6 @@ class LearnedOptimizer(Optimizer):
 def _resolve_implementation(implementation):
   """'auto' -> 'custom_op' when the kernel library loads, else 'xla' (warned once)."""
   if implementation in ('auto', 'custom_op'):
-    from lo_tf.kernels import ops  # pylint: disable=g-import-not-at-top
     if ops.available():
       return 'custom_op'
     if implementation == 'custom_op':

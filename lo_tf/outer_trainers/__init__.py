@@ -1,1 +1,1 @@
-"""Outer-training: truncated unrolls, the merged RP/ES estimator, the curriculum (paper §2-§4.3)."""
+"""Outer-training (paper §2-§4.3, App. B): unrolls, estimator, learner, loop, checkpoints, cluster."""

@@ -31,26 +31,12 @@ class Curriculum:
     self.num_outer_steps = check_int('Curriculum', 'num_outer_steps', num_outer_steps)
     self.jitter = check_number('Curriculum', 'jitter', jitter, 0.0, 1.0, high_open=True)
 
-  def base_length(self, outer_step):
-    """The un-jittered k (float) at `outer_step`."""
-    frac = min(max(outer_step, 0) / self.num_outer_steps, 1.0)
-    return self.start + frac * (self.end - self.start)
-
-  def sample_length(self, outer_step, u):
-    """The jittered k (int >= 1) at `outer_step` for a uniform draw u in [0, 1).
-
-    k = round(base_length(outer_step) * (1 - jitter + 2 * jitter * u)).
-    """
-    factor = 1.0 - self.jitter + 2.0 * self.jitter * float(u)
-    return max(1, int(round(self.base_length(outer_step) * factor)))
-
   def sample_lengths(self, outer_step, u):
-    """`sample_length` in TensorFlow: int32 k (shape of u) for uniform draws u in [0, 1)."""
+    """The jittered k at `outer_step`: int32 (shape of u, each >= 1) for uniform draws u in [0, 1).
+
+    k = round(base * (1 - jitter + 2 * jitter * u)), base linear from `start` to `end`.
+    """
     frac = tf.clip_by_value(tf.cast(outer_step, tf.float32) / self.num_outer_steps, 0.0, 1.0)
     base = self.start + frac * (self.end - self.start)
     factor = 1.0 - self.jitter + 2.0 * self.jitter * u
     return tf.maximum(1, tf.cast(tf.round(base * factor), tf.int32))
-
-  def max_length(self):
-    """The longest k `sample_length` can return."""
-    return max(1, int(round(max(self.start, self.end) * (1 + self.jitter)))) + 1

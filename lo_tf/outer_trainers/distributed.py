@@ -10,7 +10,7 @@ of `OuterTrainer` (`lo_tf.outer_trainers.samples`) on TensorFlow's own engine,
   server(s). The S slots are split into G groups (`closures_per_step`, default one per cluster
   worker); a group's truncation is one closure that the coordinator runs on whichever worker is
   free. The closure gathers its slots' inner states from the parameter server, runs
-  `MergedEstimator.estimate` on them and writes the end states back, and returns its
+  `GradientEstimator.estimate` on them and writes the end states back, and returns its
   `EstimatorOutput` (per-sample values, so the G outputs concatenate exactly into a batch of S).
   The chief applies an update whenever G outputs (S samples) have arrived. A closure whose worker
   dies is rerun elsewhere by the coordinator, or by the chief where the coordinator gives up on it
@@ -146,7 +146,7 @@ def check_workers(paths, manifest):
                       '--gin_file/--gin_bindings')
 
 
-@gin.configurable(denylist=['coordinator', 'estimator', 'num_workers', 'seed', 'manifest',
+@gin.configurable(denylist=['coordinator', 'estimator', 'num_slots', 'seed', 'manifest',
                             'manifest_paths', 'cluster_workers'])
 class ClusterSamples:
   """Batches of S samples from closures on a parameter-server cluster (see the module docstring).
@@ -154,15 +154,14 @@ class ClusterSamples:
   Args:
     coordinator: a `tf.distribute.coordinator.ClusterCoordinator` of a ParameterServerStrategy
       (θ, Adam's slots and the inner states are created under its strategy's scope).
-    estimator: `lo_tf.outer_trainers.estimators.MergedEstimator`.
-    num_workers: S, samples per update (the paper's workers, here slots).
+    estimator: `lo_tf.outer_trainers.estimators.GradientEstimator`.
+    num_slots: S, slots (samples per update).
     seed: the run's seed; slot group starting at slot f seeds its j-th truncation by
       (seed, j + f * 2^32), so with one group truncation j is seeded as the single-process step j.
     manifest: the chief's `task_manifest()`, checked inside every closure (None: no check).
     manifest_paths: manifest path per worker index (with `manifest`).
     cluster_workers: workers in the cluster (the default of closures_per_step).
-    closures_per_step: G, closures whose outputs make one update; must divide S (None: one per
-      cluster worker).
+    closures_per_step: G, closures per update; must divide S (None: one per cluster worker).
     max_staleness: the most updates a sample's θ may lag the θ it updates (0: synchronous).
     closure_timeout_s: stop with an error when no closure finishes for this long.
 
@@ -170,29 +169,29 @@ class ClusterSamples:
     UserError: for bad settings.
   """
 
-  def __init__(self, coordinator, estimator, num_workers, seed, manifest=None, manifest_paths=(),
+  def __init__(self, coordinator, estimator, num_slots, seed, manifest=None, manifest_paths=(),
                cluster_workers=1, closures_per_step=None, max_staleness=0,
                closure_timeout_s=1800.0):
     groups = check_int('ClusterSamples', 'closures_per_step',
                        cluster_workers if closures_per_step is None else closures_per_step)
-    if num_workers % groups:
-      raise UserError(f'OuterTrainer.num_workers={num_workers} is not a multiple of '
+    if num_slots % groups:
+      raise UserError(f'OuterTrainer.num_slots={num_slots} is not a multiple of '
                       f'{groups} closures per step; set ClusterSamples.closures_per_step to a '
                       'divisor of it')
     self.max_staleness = check_int('ClusterSamples', 'max_staleness', max_staleness, minimum=0)
     self.closure_timeout_s = check_number('ClusterSamples', 'closure_timeout_s',
                                           closure_timeout_s, 0.0, low_open=True)
     self.coordinator, self.estimator, self.seed = coordinator, estimator, seed
-    self.num_workers, self.groups = num_workers, groups
-    size = num_workers // groups
-    self._slots = [np.arange(g * size, (g + 1) * size, dtype=np.int32) for g in range(groups)]
+    self.num_slots, self.groups = num_slots, groups
+    size = num_slots // groups
+    self._group_slots = [np.arange(g * size, (g + 1) * size, dtype=np.int32) for g in range(groups)]
     self._manifest = manifest
     self._paths = tf.constant(list(manifest_paths) or [''])
     with self.placement():
       # Row p * S + s holds slot s's inner state in buffer p.
-      self.workers = tf.nest.map_structure(tf.Variable,
-                                           estimator.init_worker_state(2 * num_workers))
-    self.truncations = tf.Variable(tf.zeros([num_workers], tf.int64), name='truncations')
+      self.slots = tf.nest.map_structure(tf.Variable,
+                                           estimator.init_slot_state(2 * num_slots))
+    self.truncations = tf.Variable(tf.zeros([num_slots], tf.int64), name='truncations')
     self._closure = tf.function(self._truncation)
     self._results = queue.SimpleQueue()  # (ticket, output or exception) from the fetch threads
     self._in_flight = {}  # ticket -> (group, θ version, the closure's arguments)
@@ -210,7 +209,7 @@ class ClusterSamples:
     return self.coordinator.strategy.scope()
 
   def trackables(self):
-    return {'workers': tf.nest.flatten(self.workers), 'truncations': self.truncations}
+    return {'slots': tf.nest.flatten(self.slots), 'truncations': self.truncations}
 
   def metadata(self):
     return {'sample_source': SAMPLE_SOURCE}
@@ -236,15 +235,15 @@ class ClusterSamples:
                                         [MISMATCH]))
     with tf.control_dependencies(checks):
       theta = tf.identity(theta)
-    n = self.num_workers
-    state = tf.nest.map_structure(lambda v: tf.gather(v, parity * n + slots), self.workers)
+    n = self.num_slots
+    state = tf.nest.map_structure(lambda v: tf.gather(v, parity * n + slots), self.slots)
     out, end = self.estimator.estimate(theta, state, version, seed)
-    for v, x in zip(tf.nest.flatten(self.workers), tf.nest.flatten(end)):
+    for v, x in zip(tf.nest.flatten(self.slots), tf.nest.flatten(end)):
       v.scatter_update(tf.IndexedSlices(x, (1 - parity) * n + slots))
     return out
 
   def _launch(self, group, theta, version):
-    slots = self._slots[group]
+    slots = self._group_slots[group]
     counts = self._counts[slots]
     seed = tf.constant([self.seed, int(counts[0]) + (int(slots[0]) << 32)], tf.int64)
     args = (theta, tf.constant(slots), tf.constant(counts % 2, tf.int32),
@@ -280,7 +279,7 @@ class ClusterSamples:
     self._recoveries += 1
     if self._recoveries > MAX_RECOVERIES:
       raise error
-    self.workers.inner_step.read_value()  # raises UnavailableError if the parameter server is gone
+    self.slots.inner_step.read_value()  # raises UnavailableError if the parameter server is gone
     self._rerun += 1
     logging.warning('a closure failed with %s; the parameter server answers, so it is taken for a '
                     'lost worker and the closure is rerun', type(error).__name__)
@@ -310,7 +309,7 @@ class ClusterSamples:
     if isinstance(value, Exception):
       raise value
     self._recoveries = 0
-    self._counts[self._slots[group]] += 1
+    self._counts[self._group_slots[group]] += 1
     self.truncations.assign(self._counts)
     self._buffer.append((group, version, value))
     self._idle.add(group)
@@ -347,7 +346,7 @@ class ClusterSamples:
       t0 = time.perf_counter()
       self._receive()
       waited += time.perf_counter() - t0
-    used = sorted(self._buffer, key=lambda r: (int(self._slots[r[0]][0]), r[1]))
+    used = sorted(self._buffer, key=lambda r: (int(self._group_slots[r[0]][0]), r[1]))
     self._buffer = []
     staleness = [version - v for _, v, _ in used]
     failures = _worker_failures() + self._rerun

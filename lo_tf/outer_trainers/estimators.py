@@ -6,10 +6,11 @@ pair (θ + e, θ - e) whose unrolls start from the same inner state and see the 
   g_rp = ∇θ ½(L⁺ + L⁻)                (reparameterization: backprop through the unrolls)
   g_es = ½(L⁺ - L⁻) · e / σ²          (evolution strategies: the log-derivative trick)
 
-`MergedEstimator` (the worker side of Algorithm 1) computes one such pair for every worker in one
-graph execution and returns them per sample (`EstimatorOutput`), so outputs of any batches of workers
-concatenate exactly. `merge` (the learner side) forms each estimator's per-element empirical mean
-and variance over the finite samples and combines them by inverse-variance weighting (eq. 1):
+`GradientEstimator.estimate` (the worker side of Algorithm 1) computes one such pair for every
+slot in one graph execution and returns them per sample (`EstimatorOutput`), so outputs of any
+batches of slots concatenate exactly. `GradientEstimator.merge` (called by the learner) forms each
+estimator's per-element empirical mean and variance over the finite samples and combines them by
+inverse-variance weighting (eq. 1), or keeps one of them (the 'rp' and 'es' modes of Fig. 7):
 
   g_merged = (g_rp σ_rp⁻² + g_es σ_es⁻²) / (σ_rp⁻² + σ_es⁻²),
 
@@ -24,15 +25,17 @@ import tensorflow as tf
 
 from lo_tf.errors import UserError
 from lo_tf.errors import check_number
+from lo_tf.outer_trainers.curriculum import Curriculum
+from lo_tf.outer_trainers.truncated_step import TruncatedStep
 from lo_tf.outer_trainers.truncated_step import select
 from lo_tf.outer_trainers.truncated_step import tile_state
 
-ESTIMATORS = ('merged', 'rp', 'es')
+MODES = ('merged', 'rp', 'es')
 
 EstimatorOutput = collections.namedtuple(
     'EstimatorOutput', ['g_rp', 'g_es', 'loss_pos', 'loss_neg', 'finite', 'lengths',
                         'train_loss', 'reset'])
-EstimatorOutput.__doc__ = """One antithetic sample per worker, for eq. 1 (a batch of S samples).
+EstimatorOutput.__doc__ = """One antithetic sample per slot, for eq. 1 (a batch of S samples).
 
 Fields:
   g_rp, g_es: float32 [S, P] the two estimates of ∇𝓛(θ) (g_rp is zeros for the ES-only ablation).
@@ -40,33 +43,28 @@ Fields:
   finite: bool [S], False drops the sample (non-finite losses, gradients or end state).
   lengths: int32 [S] k, the inner steps each trajectory of the pair ran.
   train_loss: float32 [S] mean inner train loss over the + trajectory's truncation.
-  reset: bool [S] workers that started a new task before this truncation.
+  reset: bool [S] slots that started a new task before this truncation.
 """
 
 
 def concat_outputs(outputs):
-  """Concatenates `EstimatorOutput`s of several batches of workers into one batch."""
+  """Concatenates `EstimatorOutput`s of several batches of slots into one batch."""
   return EstimatorOutput(*[tf.concat(list(field), 0) for field in zip(*outputs)])
 
 
-def merge(output, estimator='merged', variance_epsilon=1e-8):
+def merge(output, mode='merged', variance_epsilon=1e-8):
   """Combines a batch of samples into one outer-gradient estimate (eq. 1).
 
   Args:
     output: `EstimatorOutput` of S samples.
-    estimator: 'merged' (eq. 1), 'rp' or 'es' (the Fig. 7 ablations).
+    mode: 'merged' (eq. 1), 'rp' or 'es' (the Fig. 7 ablations; `GradientEstimator` checks it).
     variance_epsilon: added to each per-element variance.
 
   Returns:
     (gradient float32 [P] (zeros when no sample is finite), dict of float32 scalars: num_used,
     var_rp and var_es (means over elements of the per-element variances), rp_weight (mean share of
     g_rp in the merged gradient)).
-
-  Raises:
-    UserError: for an unknown estimator.
   """
-  if estimator not in ESTIMATORS:
-    raise UserError(f'unknown estimator {estimator!r}; use one of {ESTIMATORS}')
   used = tf.cast(output.finite, tf.float32)[:, None]
   n = tf.reduce_sum(used)
 
@@ -79,12 +77,12 @@ def merge(output, estimator='merged', variance_epsilon=1e-8):
 
   mean_rp, var_rp = mean_var(output.g_rp)
   mean_es, var_es = mean_var(output.g_es)
-  if estimator == 'merged':
+  if mode == 'merged':
     # w_rp = σ_rp⁻² / (σ_rp⁻² + σ_es⁻²) = σ_es² / (σ_rp² + σ_es²); equal weights if both are 0.
     total = var_rp + var_es
     w_rp = tf.where(total > 0, var_es / tf.where(total > 0, total, 1.0), 0.5)
   else:
-    w_rp = tf.fill(tf.shape(mean_rp), 1.0 if estimator == 'rp' else 0.0)
+    w_rp = tf.fill(tf.shape(mean_rp), {'rp': 1.0, 'es': 0.0}[mode])
   grad = w_rp * mean_rp + (1.0 - w_rp) * mean_es
   stats = {'num_used': n, 'var_rp': tf.reduce_mean(var_rp), 'var_es': tf.reduce_mean(var_es),
            'rp_weight': tf.reduce_mean(w_rp)}
@@ -92,58 +90,75 @@ def merge(output, estimator='merged', variance_epsilon=1e-8):
 
 
 @gin.configurable(denylist=['truncated_step', 'curriculum'])
-class MergedEstimator:
-  """Antithetic rp/es samples of every worker's next truncation (App. B, Algorithm 1, worker side).
+class GradientEstimator:
+  """Antithetic rp/es samples of every slot's next truncation, and their merge (§3, App. B).
 
   `estimate(θ, state, outer_step, seed) -> (EstimatorOutput, next state)` runs as one traced graph:
-  workers that reached T (or whose last sample was non-finite) start a new task with fresh weights;
-  each worker draws its truncation length k from the curriculum (its first truncation on a task
-  takes a uniform fraction of k, so workers fall out of phase and one outer update sees every
-  phase of inner training); 2S trajectories (θ + e_s and θ - e_s for each worker s) unroll k_s
-  steps from the worker's state on the same minibatches; the + trajectory's end state becomes the
-  worker's state (Algorithm 1: "assign the current inner-parameter w from one of the two
-  sequences"). A worker whose sample is not finite asks for a new task.
+  slots that reached T (or whose last sample was non-finite) start a new task with fresh weights;
+  each slot draws its truncation length k from the curriculum (its first truncation on a task
+  takes a uniform fraction of k, so slots fall out of phase and one outer update sees every
+  phase of inner training); 2S trajectories (θ + e_s and θ - e_s for each slot s) unroll k_s
+  steps from the slot's state on the same minibatches; the + trajectory's end state becomes the
+  slot's state (Algorithm 1: "assign the current inner-parameter w from one of the two
+  sequences"). A slot whose sample is not finite asks for a new task. `merge(output)` combines
+  a batch of such samples into one outer gradient by eq. 1 (`merge`, with this estimator's mode).
 
   Args:
     truncated_step: `lo_tf.outer_trainers.truncated_step.TruncatedStep`.
     curriculum: `lo_tf.outer_trainers.curriculum.Curriculum`.
     sigma: standard deviation of e (paper text: σ² = 0.01; the authors' code: σ = 0.01).
-    estimator: 'merged', 'rp' or 'es'; 'es' skips the backward pass.
+    mode: 'merged' (eq. 1), 'rp' or 'es' (the Fig. 7 ablations); 'es' skips the backward pass.
+    variance_epsilon: added to each variance of eq. 1 (the authors' code: 1e-8).
 
   Raises:
-    UserError: for a non-positive sigma or an unknown estimator.
+    UserError: for a non-positive sigma, an unknown mode or a negative variance_epsilon.
   """
 
-  def __init__(self, truncated_step, curriculum, sigma=0.1, estimator='merged'):
-    if estimator not in ESTIMATORS:
-      raise UserError(f'estimator={estimator!r}; use one of {ESTIMATORS}')
+  def __init__(self, truncated_step, curriculum, sigma=0.1, mode='merged', variance_epsilon=1e-8):
+    if mode not in MODES:
+      raise UserError(f'GradientEstimator.mode={mode!r}; use one of {MODES}')
     self.step = truncated_step
     self.curriculum = curriculum
-    self.sigma = check_number('MergedEstimator', 'sigma', sigma, 0.0, low_open=True)
-    self.estimator = estimator
+    self.sigma = check_number('GradientEstimator', 'sigma', sigma, 0.0, low_open=True)
+    self.mode = mode
+    self.variance_epsilon = check_number('GradientEstimator', 'variance_epsilon',
+                                         variance_epsilon, 0.0)
     self.estimate = tf.function(self._estimate)
 
-  def init_worker_state(self, num_workers):
-    """Initial `WorkerState` of `num_workers` workers (each starts a task at the first estimate)."""
-    return self.step.init_worker_state(num_workers)
+  @classmethod
+  def for_experiment(cls, experiment, family):
+    """The gin-configured estimator of `experiment`'s outer-train tasks for `family`: its
+    `TruncatedStep` over the experiment's T and batch size, and the gin-configured `Curriculum`."""
+    trainer = experiment.trainer
+    step = TruncatedStep(experiment.tasks, experiment.problem, family, trainer.num_steps,
+                         trainer.batch_size)
+    return cls(step, Curriculum())
+
+  def init_slot_state(self, num_slots):
+    """Initial `SlotState` of `num_slots` slots (each starts a task at the first estimate)."""
+    return self.step.init_slot_state(num_slots)
+
+  def merge(self, output):
+    """The outer gradient of a batch of samples by this estimator's mode (see `merge`)."""
+    return merge(output, self.mode, self.variance_epsilon)
 
   def _estimate(self, theta, state, outer_step, seed):
-    """One sample per worker (see the class docstring).
+    """One sample per slot (see the class docstring).
 
     Args:
       theta: float32 [P] (a tensor or variable).
-      state: `WorkerState` of S workers.
+      state: `SlotState` of S slots.
       outer_step: int64 scalar, the curriculum position.
       seed: int64 [2]; the whole sample is a pure function of (θ, state, outer_step, seed).
 
     Returns:
-      (`EstimatorOutput` of S samples, next `WorkerState`).
+      (`EstimatorOutput` of S samples, next `SlotState`).
     """
     fold = lambda i: tf.random.experimental.stateless_fold_in(seed, i)
     state, reset = self.step.reset(state, fold(0))
     s = state.inner_step.shape[0]
     k = self.curriculum.sample_lengths(outer_step, tf.random.stateless_uniform([s], fold(1)))
-    # First truncation on a task: a uniform fraction of k, which desynchronizes the workers.
+    # First truncation on a task: a uniform fraction of k, which desynchronizes the slots.
     first = tf.cast(tf.math.ceil(tf.cast(k, tf.float32) * tf.random.stateless_uniform(
         [s], fold(2))), tf.int32)
     k = tf.where(reset, tf.maximum(first, 1), k)
@@ -158,7 +173,7 @@ class MergedEstimator:
       losses, end, train_loss = self.step.unroll(thetas, pairs, lengths, fold(4), pairs=2)
       loss_pos, loss_neg = losses[:s], losses[s:]
       objective = 0.5 * tf.reduce_sum(loss_pos + loss_neg)
-    if self.estimator == 'es':
+    if self.mode == 'es':
       g_rp = tf.zeros_like(noise)
     else:
       d = tape.gradient(objective, thetas)

@@ -1,7 +1,7 @@
 """The central outer update of θ (paper App. B, Algorithm 1, learner side; App. C.3).
 
 `OuterLearner` holds the meta-parameters θ and the outer optimizer (Adam with β1 = 0.5, App. C.3).
-`apply(output)` merges a batch of estimator samples by eq. 1, clips the merged gradient by value
+`apply(output)` merges a batch of estimator samples (eq. 1, by the estimator's `merge`), clips the merged gradient by value
 (±0.1 in the authors' `es_grad_inv_var.py`) and takes one Adam step — unless that step would make θ
 or Adam's slots non-finite, in which case nothing changes and the step counts as rejected: a
 non-finite θ never exists, so none is ever checkpointed.
@@ -12,46 +12,39 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lo_tf.errors import UserError
 from lo_tf.errors import check_number
-from lo_tf.outer_trainers import estimators
 
 DEFAULT_OUTER_LEARNING_RATE = {'train': 3e-3, 'valid': 3e-4}  # App. C.3
 
 
-@gin.configurable
+# The arguments `OuterTrainer` passes; a gin binding of one would be silently overridden.
+@gin.configurable(denylist=['initial_theta', 'merge', 'objective'])
 class OuterLearner:
   """θ and its outer optimizer; applies merged outer gradients (Algorithm 1, eq. 1).
 
   Args:
     initial_theta: float32 [P], θ at outer step 0.
-    objective: 'train' or 'valid'; picks the default learning rate (App. C.3).
+    merge: `EstimatorOutput` -> (gradient float32 [P], stats dict), e.g. `GradientEstimator.merge`.
+    objective: 'train' or 'valid' (as `TruncatedStep` checked it); picks the default learning rate
+      (App. C.3).
     outer_learning_rate: Adam's learning rate (None: 3e-3 for L_train, 3e-4 for L_valid).
     beta_1: Adam β1 (paper: 0.5).
     clip_value: the merged gradient is clipped to [-clip_value, clip_value] elementwise before
       Adam (authors' code: 0.1; None: no clipping).
-    estimator: 'merged' (eq. 1), 'rp' or 'es'.
-    variance_epsilon: added to each variance of eq. 1 (authors' code: 1e-8).
 
   Raises:
     UserError: for out-of-range settings.
   """
 
-  def __init__(self, initial_theta, objective='train', outer_learning_rate=None, beta_1=0.5,
-               clip_value=0.1, estimator='merged', variance_epsilon=1e-8):
-    if objective not in DEFAULT_OUTER_LEARNING_RATE:
-      raise UserError(f'objective={objective!r}; use "train" or "valid"')
-    if estimator not in estimators.ESTIMATORS:
-      raise UserError(f'estimator={estimator!r}; use one of {estimators.ESTIMATORS}')
+  def __init__(self, initial_theta, merge, objective='train', outer_learning_rate=None, beta_1=0.5,
+               clip_value=0.1):
     if outer_learning_rate is not None:
       check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate, 0.0,
                    float(np.finfo(np.float32).max), low_open=True)
     if clip_value is not None:
       check_number('OuterLearner', 'clip_value', clip_value, 0.0, low_open=True)
     check_number('OuterLearner', 'beta_1', beta_1, 0.0, 1.0, high_open=True)
-    check_number('OuterLearner', 'variance_epsilon', variance_epsilon, 0.0)
-    self.estimator, self.clip_value = estimator, clip_value
-    self.variance_epsilon = float(variance_epsilon)
+    self.merge, self.clip_value = merge, clip_value
     self.learning_rate = float(outer_learning_rate or DEFAULT_OUTER_LEARNING_RATE[objective])
     self.theta = tf.Variable(initial_theta, name='theta')
     self.optimizer = keras.optimizers.Adam(learning_rate=self.learning_rate, beta_1=beta_1)
@@ -70,10 +63,10 @@ class OuterLearner:
     """Merges `output` (an `EstimatorOutput`) by eq. 1 and takes one outer step.
 
     Returns:
-      dict of float32 scalars: the `estimators.merge` statistics, grad_norm (of the clipped merged
-      gradient), applied (1 if θ changed, 0 if no sample was finite or the step was rejected).
+      dict of float32 scalars: the merge's statistics (`estimators.merge`), grad_norm (of the
+      clipped merged gradient), applied (1 if θ changed, 0 if no sample was finite or the step was rejected).
     """
-    grad, stats = estimators.merge(output, self.estimator, self.variance_epsilon)
+    grad, stats = self.merge(output)
     if self.clip_value is not None:
       grad = tf.clip_by_value(grad, -self.clip_value, self.clip_value)
     before = [tf.identity(v) for v in self.variables()]

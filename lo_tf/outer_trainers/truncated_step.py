@@ -1,10 +1,11 @@
-"""Workers' inner problems and their truncated unrolls (paper §2.2, App. B, Algorithm 1).
+"""Slots' inner problems and their truncated unrolls (paper §2.2, App. B, Algorithm 1).
 
-A *worker* (Algorithm 1) holds one inner problem: a task sampled from the outer-train distribution,
-its inner weights w and the learned optimizer's state, and the inner step t it has reached. All S
-workers live in one `WorkerState` of [S, ...] tensors. `TruncatedStep` (the worker side of
-learned_optimization's `TruncatedStep`: initial state, unroll, meta-loss) resets workers in the
-graph (a new task and fresh weights once t reaches T, or after a non-finite sample) and unrolls M
+A *slot* holds one inner problem carried across outer steps (what each of Algorithm 1's workers
+carries): a task sampled from the outer-train distribution, its inner weights w and the learned
+optimizer's state, and the inner step t it has reached. All S slots live in one `SlotState` of
+[S, ...] tensors. `TruncatedStep` (learned_optimization's `TruncatedStep`: initial state, unroll,
+meta-loss) resets slots in the graph (a new task and fresh weights once t reaches T, or after a
+non-finite sample) and unrolls M
 trajectories for k inner steps from such states, returning each trajectory's truncation outer loss:
 
   L_train = mean over the k new iterates w_{t+1..t+k} of ℓ(x; w) on inner-train minibatches,
@@ -31,9 +32,9 @@ from lo_tf.tasks.distribution import OUTER_TRAIN
 
 OBJECTIVES = ('train', 'valid')
 
-WorkerState = collections.namedtuple(
-    'WorkerState', ['params', 'opt_state', 'inner_step', 'task_seed', 'train_idx', 'valid_idx'])
-WorkerState.__doc__ = """Every worker's inner problem, as tensors with a leading axis of S workers.
+SlotState = collections.namedtuple(
+    'SlotState', ['params', 'opt_state', 'inner_step', 'task_seed', 'train_idx', 'valid_idx'])
+SlotState.__doc__ = """Every slot's inner problem, as tensors with a leading axis of S slots.
 
 Fields:
   params: list of float32 [S, *shape], the inner weights w (the problem's shapes).
@@ -60,16 +61,15 @@ def select(mask, new, old):
 
 @gin.configurable(denylist=['tasks', 'problem', 'family', 'num_inner_steps', 'batch_size'])
 class TruncatedStep:
-  """Resets and truncated unrolls of the workers' inner problems for a learned-optimizer family.
+  """Resets and truncated unrolls of the slots' inner problems for a learned-optimizer family.
 
   Args:
-    tasks: `lo_tf.tasks.distribution.TaskDistribution`; workers train on its outer-train split.
+    tasks: `lo_tf.tasks.distribution.TaskDistribution`; slots train on its outer-train split.
     problem: `lo_tf.tasks.problems.Problem` built for the tasks' image shape and K.
-    family: the learned optimizer family, with `batched_optimizer(thetas [M, P])` and
-      `init_theta` (e.g. `MLPLOpt`).
-    num_inner_steps: T, the length of a worker's inner training before it starts a new task.
+    family: a `lo_tf.learned_optimizers.base.LearnedOptimizerFamily` (e.g. `MLPLOpt`).
+    num_inner_steps: T, the length of a slot's inner training before it starts a new task.
     batch_size: inner minibatch size.
-    objective: 'train' (L_train) or 'valid' (L_valid).
+    objective: 'train' (L_train) or 'valid' (L_valid); the one check of the run's objective.
     meta_loss_batches: minibatches the outer loss is averaged over at each new iterate (the
       authors' code: 5, `common_trainer.py`; 0: reuse the next step's inner-train minibatch, which
       costs no extra forward pass; L_train only).
@@ -82,7 +82,7 @@ class TruncatedStep:
   def __init__(self, tasks, problem, family, num_inner_steps, batch_size, objective='train',
                meta_loss_batches=5, loss_clip=10.0):
     if objective not in OBJECTIVES:
-      raise UserError(f'objective={objective!r}; use "train" or "valid"')
+      raise UserError(f'TruncatedStep.objective={objective!r}; use "train" or "valid"')
     check_int('TruncatedStep', 'meta_loss_batches', meta_loss_batches, minimum=0)
     if meta_loss_batches == 0 and objective != 'train':
       raise UserError('meta_loss_batches=0 reuses inner-train minibatches, which only L_train '
@@ -93,28 +93,28 @@ class TruncatedStep:
     self.objective, self.meta_loss_batches = objective, int(meta_loss_batches)
     self.loss_clip = loss_clip
 
-  def init_worker_state(self, num_workers):
-    """A `WorkerState` of `num_workers` workers that all ask for a new task (task_seed = -1)."""
-    params = [tf.zeros([num_workers, *shape]) for shape, _, _ in self.problem.param_shapes()]
-    theta = tf.zeros([num_workers, self.family.num_meta_params])
+  def init_slot_state(self, num_slots):
+    """A `SlotState` of `num_slots` slots that all ask for a new task (task_seed = -1)."""
+    params = [tf.zeros([num_slots, *shape]) for shape, _, _ in self.problem.param_shapes()]
+    theta = tf.zeros([num_slots, self.family.num_meta_params])
     opt_state = self.family.batched_optimizer(theta).init(params)
     n_train = self.tasks.num_classes * self.tasks.n_train
     n_valid = self.tasks.num_classes * self.tasks.n_valid
-    return WorkerState(params=params, opt_state=opt_state,
-                       inner_step=tf.zeros([num_workers], tf.int32),
-                       task_seed=-tf.ones([num_workers], tf.int64),
-                       train_idx=tf.zeros([num_workers, n_train], tf.int32),
-                       valid_idx=tf.zeros([num_workers, n_valid], tf.int32))
+    return SlotState(params=params, opt_state=opt_state,
+                     inner_step=tf.zeros([num_slots], tf.int32),
+                     task_seed=-tf.ones([num_slots], tf.int64),
+                     train_idx=tf.zeros([num_slots, n_train], tf.int32),
+                     valid_idx=tf.zeros([num_slots, n_valid], tf.int32))
 
   def reset(self, state, seed):
-    """Starts a new task with fresh weights for every worker that has reached T or asks for one.
+    """Starts a new task with fresh weights for every slot that has reached T or asks for one.
 
     Args:
-      state: `WorkerState` of S workers.
+      state: `SlotState` of S slots.
       seed: int64 [2] stateless seed; the new task seeds and initializations derive from it.
 
     Returns:
-      (new `WorkerState`, bool [S] which workers were reset).
+      (new `SlotState`, bool [S] which slots were reset).
     """
     s = state.inner_step.shape[0]
     done = tf.logical_or(state.task_seed < 0, state.inner_step >= self.num_inner_steps)
@@ -126,12 +126,16 @@ class TruncatedStep:
                       task_seed, fn_output_signature=[tf.float32] * len(state.params))
     theta = tf.zeros([s, self.family.num_meta_params])
     fresh_opt = self.family.batched_optimizer(theta).init(fresh)
-    new = WorkerState(params=fresh, opt_state=fresh_opt, inner_step=tf.zeros_like(state.inner_step),
-                      task_seed=task_seed, train_idx=tasks[0], valid_idx=tasks[1])
+    new = SlotState(params=fresh, opt_state=fresh_opt, inner_step=tf.zeros_like(state.inner_step),
+                    task_seed=task_seed, train_idx=tasks[0], valid_idx=tasks[1])
     return select(done, new, state), done
 
-  def _batch(self, idx, seed, n_per_class, count):
-    """`count` minibatches per trajectory from its indices idx [M, n]: x [count, M, B, ...]."""
+  def minibatches(self, idx, seed, n_per_class, count):
+    """`count` minibatches per trajectory from its image indices idx int32 [M, n].
+
+    Returns:
+      (x float32 [count, M, B, *image_shape], y int32 [count, M, B]); the draws follow `seed`.
+    """
     pos = tf.random.stateless_uniform([count, idx.shape[0], self.batch_size], seed, 0,
                                       idx.shape[1], tf.int32)
     chosen = tf.gather(idx, tf.transpose(pos, [1, 0, 2]), batch_dims=1)  # [M, count, B]
@@ -142,30 +146,30 @@ class TruncatedStep:
     """Unrolls M trajectories for their own number of inner steps (App. B).
 
     Trajectory m runs `lengths[m]` steps of u(·; thetas[m]) from its state; the `pairs` copies of
-    a worker (M = pairs * S, copy-major: trajectory j * S + s is worker s) see the same minibatches,
+    a slot (M = pairs * S, copy-major: trajectory j * S + s is slot s) see the same minibatches,
     as antithetic samples must.
 
     Args:
       thetas: float32 [M, P].
-      state: `WorkerState` with M entries (see `tile_state`).
+      state: `SlotState` with M entries (see `tile_state`).
       lengths: int32 [M], k per trajectory, each in [0, T - inner_step].
       seed: int64 [2], seeds the minibatches.
-      pairs: copies per worker.
+      pairs: copies per slot.
 
     Returns:
-      (outer loss float32 [M] (the truncation's L, 0 for k = 0), end `WorkerState`, mean inner train
+      (outer loss float32 [M] (the truncation's L, 0 for k = 0), end `SlotState`, mean inner train
       loss float32 [M] over the truncation).
     """
     opt = self.family.batched_optimizer(thetas)
     m_count = lengths.shape[0]  # static: the trajectories are traced one by one (`batched_loss`)
-    workers = m_count // pairs
+    slots = m_count // pairs
     clip = self.loss_clip
     num_meta = self.meta_loss_batches
     n_tr, n_va = self.tasks.n_train, self.tasks.n_valid
     max_len = tf.reduce_max(lengths)
 
     def draw(idx, step_seed, n_per_class, count):
-      x, y = self._batch(idx[:workers], step_seed, n_per_class, count)
+      x, y = self.minibatches(idx[:slots], step_seed, n_per_class, count)
       tile = lambda a: tf.tile(a, [1, pairs] + [1] * (a.shape.rank - 2))
       return tile(x), tile(y)
 

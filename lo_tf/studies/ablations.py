@@ -30,6 +30,7 @@ import gin
 import matplotlib.pyplot as plt
 import numpy as np
 
+from lo_tf import config
 from lo_tf import plotting
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
@@ -37,13 +38,12 @@ from lo_tf.studies import base
 
 ABLATIONS = ('full', 'gradients', 'es', 'fixed_10', 'fixed_100', 'fixed_1000', 'no_rms', 'no_mom',
              'only_grads', 'no_time')
-ABLATION_DIR = os.path.join(base.REPO_ROOT, 'gin', 'studies', 'ablations')
 SCORE = 'meta_eval/selection_score'
 
 
 def ablation_file(name):
-  """The gin file of ablation `name` (gin/studies/ablations/<name>.gin)."""
-  return os.path.join(ABLATION_DIR, name + '.gin')
+  """The gin file of ablation `name`: gin/studies/ablations/<name>.gin (`config.find_gin_file`)."""
+  return config.find_gin_file(f'gin/studies/ablations/{name}.gin')
 
 
 @gin.configurable
@@ -84,7 +84,7 @@ class AblationStudy(base.Study):
     results = []
     bar = base.progress(len(self.ablations) * seeds, 'fig7 ablation runs')
     for name in self.ablations:
-      entry = {'name': name, 'gin_file': os.path.relpath(ablation_file(name), base.REPO_ROOT),
+      entry = {'name': name, 'gin_file': f'gin/studies/ablations/{name}.gin',
                'runs': []}
       for seed in range(seeds):
         train_dir = os.path.join(output_dir, 'runs', name, f'seed_{seed}')

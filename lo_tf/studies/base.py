@@ -20,16 +20,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import tqdm
 
-from lo_tf import checkpoints
+from lo_tf import config
 from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
-from lo_tf.launch import common
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers.loop import OuterTrainer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GIN_DIR = os.path.join(REPO_ROOT, 'gin', 'studies')
 PARTS_DIR = 'parts'
 
 
@@ -129,11 +127,6 @@ def key_digest(key):
   return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def array_digest(x):
-  """Short SHA-1 of an array's float32 bytes (θ in part keys)."""
-  return hashlib.sha1(np.asarray(x, np.float32).tobytes()).hexdigest()[:12]
-
-
 class Parts:
   """Finished parts of a study, one JSON file each in `directory`, so a rerun reuses them.
 
@@ -176,14 +169,14 @@ def load_theta(checkpoint):
   """(label, learned-optimizer family, θ float32 [P]) of `--checkpoint`, or θ at initialization.
 
   Args:
-    checkpoint: a shipped name, train_dir or checkpoint path (`checkpoints.load_learned_optimizer`),
+    checkpoint: a shipped name, train_dir or checkpoint path (`pretrained.load`),
       or None: then the gin-configured `MLPLOpt()` and its θ0 of seed (0, 0).
 
   Raises:
     UserError: for a checkpoint that cannot be loaded.
   """
   if checkpoint:
-    name, family, theta, _ = checkpoints.load_learned_optimizer(checkpoint)
+    name, family, theta, _ = pretrained.load(checkpoint)
     return f'{name} ({checkpoint})', family, theta
   family = MLPLOpt()
   return 'θ at initialization (no --checkpoint)', family, family.init_theta(np.array([0, 0]))
@@ -192,16 +185,14 @@ def load_theta(checkpoint):
 def parse_sub_config(gin_files, gin_bindings):
   """Replaces the gin configuration by `gin_files` then `gin_bindings` (a study's sub-run).
 
-  Relative `include`s and files are found from the working directory first, then the repository
-  root.
+  Relative `include`s and files are found from the working directory first, then the checkout
+  root (`config.find_gin_file`).
 
   Raises:
     UserError: for a missing file or a bad configuration.
   """
   gin.clear_config()
-  files = [f if os.path.isfile(f) or os.path.isabs(f) else os.path.join(REPO_ROOT, f)
-           for f in gin_files]
-  common.parse_gin(files, gin_bindings)
+  config.parse_gin(gin_files, gin_bindings)
 
 
 def outer_train(gin_files, gin_bindings, train_dir, seed):
@@ -217,6 +208,6 @@ def outer_train(gin_files, gin_bindings, train_dir, seed):
     UserError: for a bad configuration, or a train_dir of another configuration.
   """
   parse_sub_config(gin_files, gin_bindings)
-  trainer = common.build(lambda: OuterTrainer(build_experiment(), train_dir, seed=seed))
+  trainer = config.build(lambda: OuterTrainer(build_experiment(), train_dir, seed=seed))
   trainer.train(config_str=gin.config_str())
   return trainer

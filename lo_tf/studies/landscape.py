@@ -23,6 +23,7 @@ from lo_tf.errors import UserError
 from lo_tf.errors import check_int
 from lo_tf.errors import check_number
 from lo_tf.experiment import build_experiment
+from lo_tf.io_utils import array_digest
 from lo_tf.outer_trainers.truncated_step import TruncatedStep
 from lo_tf.outer_trainers.truncated_step import tile_state
 from lo_tf.studies import base
@@ -90,7 +91,7 @@ class LandscapeStudy(base.Study):
     trainer = self.experiment.trainer
     step = TruncatedStep(self.experiment.tasks, self.experiment.problem, family,
                          self.lengths[-1], trainer.batch_size)
-    state, _ = step.reset(step.init_worker_state(1), tf.constant([self.task_seed, 0], tf.int64))
+    state, _ = step.reset(step.init_slot_state(1), tf.constant([self.task_seed, 0], tf.int64))
     seed = tf.constant([self.seed, 1], tf.int64)
 
     @tf.function
@@ -118,7 +119,7 @@ class LandscapeStudy(base.Study):
     alphas_2d = np.linspace(-self.radius, self.radius, self.n2)
     rng = np.random.default_rng(self.seed)
     random = rng.normal(size=theta0.shape[0])
-    key = dict(theta=base.array_digest(theta0), lopt=family.config(), radius=self.radius,
+    key = dict(theta=array_digest(theta0), lopt=family.config(), radius=self.radius,
                n1=self.n1, n2=self.n2, task_seed=self.task_seed, seed=self.seed,
                fingerprint=self.experiment.fingerprint())
     slices = []

@@ -24,15 +24,15 @@ import gin
 import matplotlib.pyplot as plt
 import numpy as np
 
+from lo_tf import config
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
-from lo_tf.evaluation import BASELINE_NAMES
 from lo_tf.evaluation import Evaluator
+from lo_tf.metrics import BASELINE_NAMES
 from lo_tf.studies import base
 
 OOD_CONFIGS = ('mlp_2x32_mnist14', 'mlp_3x128_mnist14', 'cnn6_mnist28', 'cnn3_mnist28',
                'cnn3x128_omniglot')
-OOD_DIR = os.path.join(base.REPO_ROOT, 'gin', 'ood')
 
 
 @gin.configurable
@@ -59,7 +59,7 @@ class OODStudy(base.Study):
     if not configs:
       raise UserError('OODStudy.configs is empty; name at least one of gin/ood/*.gin')
     for name in configs:
-      if not os.path.isfile(os.path.join(OOD_DIR, name + '.gin')):
+      if not os.path.isfile(config.find_gin_file(f'gin/ood/{name}.gin')):
         raise UserError(f'OODStudy.configs holds {name!r}, which has no gin/ood/{name}.gin; use '
                         f'some of {list(OOD_CONFIGS)}')
     self.configs = tuple(configs)
@@ -73,7 +73,7 @@ class OODStudy(base.Study):
     problems = []
     bar = base.progress(len(self.configs), 'App. E problems')
     for name in self.configs:
-      gin_file = os.path.join(OOD_DIR, name + '.gin')
+      gin_file = f'gin/ood/{name}.gin'
       base.parse_sub_config([gin_file], options.gin_bindings)
       experiment = base.build_experiment()
       evaluator = Evaluator(experiment, os.path.join(output_dir, name), num_tasks=self.num_tasks,
@@ -86,7 +86,7 @@ class OODStudy(base.Study):
               [t[opt][f'at_best_lr_{metric}'][f'best_{metric}'] for t in result['tasks']]))
         best[f'{learned}_{metric}'] = float(np.median(
             [t[learned][f'best_{metric}'] for t in result['tasks']]))
-      problems.append({'name': name, 'gin_file': os.path.relpath(gin_file, base.REPO_ROOT),
+      problems.append({'name': name, 'gin_file': gin_file,
                        'summary': result['summary'], 'best': best, 'plots': result['plots']})
       bar.update(1)
     bar.close()

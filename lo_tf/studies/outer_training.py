@@ -30,6 +30,7 @@ from lo_tf.errors import check_int
 from lo_tf.optimizers.hand_designed import Adam
 from lo_tf.optimizers.hand_designed import learning_rate_grid
 from lo_tf.outer_trainers import loop
+from lo_tf.outer_trainers import run_checkpoints
 from lo_tf.outer_trainers.meta_eval import MetaEvaluator
 from lo_tf.studies import base
 from lo_tf.tasks.distribution import OUTER_TEST
@@ -45,11 +46,11 @@ def read_run(train_dir):
   Raises:
     UserError: when `train_dir` is not a bin/train run or holds no summaries yet.
   """
-  meta = io_utils.read_json(os.path.join(train_dir, loop.LOPT_CONFIG), dict,
+  meta = io_utils.read_json(os.path.join(train_dir, run_checkpoints.LOPT_CONFIG), dict,
                             'run configuration', 'pass a train_dir written by bin/train')
   objective = meta.get('objective')
   if objective not in METRIC:
-    raise UserError(f'{train_dir}/{loop.LOPT_CONFIG} names no outer objective; pass a '
+    raise UserError(f'{train_dir}/{run_checkpoints.LOPT_CONFIG} names no outer objective; pass a '
                     'train_dir written by bin/train')
   scalars = plotting.read_scalars(os.path.join(train_dir, 'summaries'))
   if 'var_rp' not in scalars:

@@ -33,6 +33,7 @@ from lo_tf.errors import check_number
 from lo_tf.experiment import build_experiment
 from lo_tf.learned_optimizers.hyperparameters import LearnedLearningRate
 from lo_tf.optimizers.hand_designed import Adam
+from lo_tf.outer_trainers import estimators
 from lo_tf.outer_trainers.estimators import EstimatorOutput
 from lo_tf.outer_trainers.learner import OuterLearner
 from lo_tf.outer_trainers.truncated_step import TruncatedStep
@@ -60,7 +61,7 @@ class TruncatedLearningRate:
 
   def start(self, seed):
     """A worker on a new task with fresh weights (the task and weights follow `seed`)."""
-    state, _ = self.reset(self.step.init_worker_state(1), tf.constant([seed, 0], tf.int64))
+    state, _ = self.reset(self.step.init_slot_state(1), tf.constant([seed, 0], tf.int64))
     return state
 
   def _gradient(self, theta, state, length, seed):
@@ -85,6 +86,11 @@ class TruncatedLearningRate:
       loss, grad, state = self.gradient(tf.convert_to_tensor(theta()), state, length,
                                         tf.constant([seed, j + 1], tf.int64))
       yield t, float(loss), float(grad[0]), state
+
+
+def _rp_merge(output):
+  """eq. 1's merge restricted to g_rp (the mean of the samples' exact truncation gradients)."""
+  return estimators.merge(output, 'rp')
 
 
 @gin.configurable
@@ -201,8 +207,9 @@ class TruncationStudy(base.Study):
 
   def _outer_train(self, k, total):
     """One Fig. 4a line: outer-trains θ with k-step truncations over `total` inner steps."""
-    learner = OuterLearner(self.engine.family.init_theta(None), outer_learning_rate=self.outer_lr,
-                           beta_1=self.beta_1, clip_value=None, estimator='rp')
+    # The truncation's exact gradient is its g_rp: the 'rp' merge of one sample is that gradient.
+    learner = OuterLearner(self.engine.family.init_theta(None), _rp_merge,
+                           outer_learning_rate=self.outer_lr, beta_1=self.beta_1, clip_value=None)
     count = math.ceil(total / k)
     at = set(np.unique(np.round(np.geomspace(1, count, self.num_evals)).astype(int)).tolist())
     record = {'length': k, 'outer_steps': [], 'learning_rate': [], 'truncation_loss': [],

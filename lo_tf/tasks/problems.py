@@ -89,7 +89,8 @@ class Problem:
     return loss, acc
 
 
-@gin.configurable
+# input_shape and num_classes come from the task distribution (`build_experiment`).
+@gin.configurable(denylist=['input_shape', 'num_classes'])
 class ConvNet(Problem):
   """Convolutional classifier of App. C.2: 3x3 convs, ReLU, global average pool, linear.
 
@@ -151,7 +152,7 @@ class ConvNet(Problem):
     return tf.matmul(h, params[-2]) + params[-1][:, None, :]
 
 
-@gin.configurable
+@gin.configurable(denylist=['input_shape', 'num_classes'])
 class MLP(Problem):
   """Fully connected ReLU classifier of App. E (2x32 and 3x128 hidden units on 14x14 MNIST)."""
 

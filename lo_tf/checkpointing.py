@@ -1,19 +1,16 @@
-"""Loading learned optimizers: from a train_dir, a checkpoint path, or a shipped name.
-
-A shipped optimizer is two small files in `lo_tf/pretrained/`: `<name>.npz` (θ) and `<name>.json`
-(the `MLPLOpt` configuration and how θ was made: config, outer steps, wall time, machine, git
-revision, command). `export_pretrained` writes them from a train_dir.
+"""A train_dir's checkpoint files: digests, fallback to the newest valid one, index rewrite.
 
 A train_dir keeps several checkpoints (`ckpt-N.index`, `ckpt-N.data-*`, `ckpt-N.sha256.json`)
 listed in TensorFlow's `checkpoint` index file. `restore_newest_valid` uses the newest one that
 verifies, so a checkpoint damaged by a kill, a full disk or a bad copy costs one checkpoint
-interval rather than the run.
+interval rather than the run; `tidy_checkpoints` leaves the directory as an uninterrupted run's
+manager would; `read_checkpoint` reads a train_dir or a checkpoint path for evaluation. What an
+outer-training run saves through these is `lo_tf.outer_trainers.run_checkpoints`.
 """
 
 import dataclasses
 import glob
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -26,17 +23,16 @@ import tensorflow as tf
 
 from lo_tf import io_utils
 from lo_tf.errors import UserError
-from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
+from lo_tf.errors import one_line
 
-PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrained')
-_THETA_KEY = 'theta/.ATTRIBUTES/VARIABLE_VALUE'
-_STEP_KEY = 'step/.ATTRIBUTES/VARIABLE_VALUE'
+THETA_KEY = 'theta/.ATTRIBUTES/VARIABLE_VALUE'
+STEP_KEY = 'step/.ATTRIBUTES/VARIABLE_VALUE'
 _INDEX = 'checkpoint'  # TensorFlow's CheckpointState file
 # The files of checkpoint ckpt-N, and the temporary directory TensorFlow saves it through.
 _CHECKPOINT_FILE = re.compile(r'(ckpt-(\d+))\.(index|data-\d+-of-\d+)')
 _CHECKPOINT_NAME = re.compile(r'ckpt-(\d+)')
 _TEMP_DIR = re.compile(r'ckpt-\d+_temp.*')
-_NAME = re.compile(r'[a-z0-9_]+')
+
 
 
 def _digest_path(prefix):
@@ -53,7 +49,7 @@ def write_digest(prefix):
 
   TensorFlow's checkpoint reader does not notice every corrupted byte (a flipped byte near the end
   of an index file reads back fine); the digest lets `verify_digest` refuse such a checkpoint
-  instead of loading garbage.
+  instead of loading garbage (`digest_problem`).
   """
   digests = {os.path.basename(path): _sha256(path)
              for path in sorted(glob.glob(prefix + '.index') + glob.glob(prefix + '.data-*'))}
@@ -67,7 +63,7 @@ def remove_stale_digests(directory):
       os.remove(path)
 
 
-def _digest_problem(prefix):
+def digest_problem(prefix):
   """Why checkpoint `prefix` does not match its digest, or None (also when it has none)."""
   path = _digest_path(prefix)
   if not os.path.exists(path):
@@ -84,19 +80,6 @@ def _digest_problem(prefix):
     if actual != expected:
       return f'{name} is missing or changed since it was written'
   return None
-
-
-def verify_digest(prefix):
-  """Checks checkpoint `prefix` against its digest, when it has one.
-
-  Raises:
-    UserError: if the digest is unreadable, or a file it lists is missing or its content changed
-      since it was written.
-  """
-  problem = _digest_problem(prefix)
-  if problem:
-    raise UserError(f'checkpoint {prefix} is corrupt ({problem}); use another checkpoint or a '
-                    'fresh --train_dir')
 
 
 def remove_temp_dirs(train_dir):
@@ -121,11 +104,6 @@ def remove_temp_dirs(train_dir):
       shutil.rmtree(path)
       removed.append(path)
   return removed
-
-
-def _one_line(e, limit=160):
-  text = str(e).strip()
-  return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def kept_checkpoints(train_dir):
@@ -174,15 +152,15 @@ def _verified_reader(prefix):
   """
   if not os.path.exists(prefix + '.index'):
     raise ValueError('its .index file is missing')
-  problem = _digest_problem(prefix)
+  problem = digest_problem(prefix)
   if problem:
     raise ValueError(problem)
   try:
     reader = tf.train.load_checkpoint(prefix)
     tensors = {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()}
   except Exception as e:  # TF raises DataLossError, NotFoundError, IndexError, OpError, ...
-    raise ValueError(_one_line(e)) from None
-  if _THETA_KEY in tensors and not np.all(np.isfinite(tensors[_THETA_KEY])):
+    raise ValueError(one_line(e)) from None
+  if THETA_KEY in tensors and not np.all(np.isfinite(tensors[THETA_KEY])):
     raise ValueError('θ holds non-finite values')
   return reader
 
@@ -244,7 +222,7 @@ def restore_newest_valid(train_dir, checkpoint=None):
         try:
           checkpoint.restore(prefix).assert_existing_objects_matched()
         except Exception as e:  # TF raises AssertionError, ValueError, OpError, ...
-          raise ValueError(f'does not fit this run: {_one_line(e, 120)}') from None
+          raise ValueError(f'does not fit this run: {one_line(e, 120)}') from None
     except ValueError as e:
       skipped.append((prefix, str(e)))
       continue
@@ -268,23 +246,6 @@ def _problems(skipped, index_problem):
   if index_problem:
     parts.append(f"'checkpoint' index unreadable: {index_problem}")
   return '; '.join(parts)
-
-
-def write_checkpoint_index(train_dir, restored):
-  """Rewrites `train_dir`'s `checkpoint` index to name `restored` as the latest checkpoint.
-
-  After `restore_newest_valid` skipped checkpoints or found the index unreadable, the index lists
-  the restored checkpoint last, after the older kept ones (oldest first), with relative paths as
-  `tf.train.CheckpointManager` writes them; the skipped checkpoints are dropped from it (their
-  files stay until a save of the same step replaces them). Does nothing when nothing was skipped
-  and the index is readable. Call it while holding the train_dir's `io_utils.DirectoryLock` and
-  before creating the `tf.train.CheckpointManager`, which reads the index once: an unreadable
-  index makes its constructor raise (empty or binary file) or forget every kept checkpoint.
-  """
-  if not restored.skipped and restored.index_problem is None:
-    return
-  _write_index(train_dir, restored.prefix,
-               list(reversed(restored.older)) + [restored.prefix])
 
 
 def _write_index(directory, latest, prefixes):
@@ -336,30 +297,6 @@ def tidy_checkpoints(directory, restored, keep):
   return extra
 
 
-def shipped_names():
-  """Names of the learned optimizers shipped in lo_tf/pretrained."""
-  return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(PRETRAINED_DIR, '*.json')))
-
-
-def _build(config, theta, where):
-  """The `MLPLOpt` of `config` and θ as a float32 [P] tensor, after checking they fit together."""
-  if not isinstance(config, dict):
-    raise UserError(f'{where}: holds no learned-optimizer configuration; it was not written by '
-                    'lo_tf')
-  try:
-    lopt = MLPLOpt(**config)
-  except (TypeError, ValueError) as e:  # unknown keys, or values MLPLOpt refuses
-    raise UserError(f'{where}: learned-optimizer configuration is not understood '
-                    f'({_one_line(e, 120)}); it was written by an incompatible lo_tf '
-                    'version') from None
-  theta = np.asarray(theta, np.float32)
-  if theta.shape != (lopt.num_meta_params,):
-    raise UserError(f'{where}: θ has shape {theta.shape} but its configuration needs '
-                    f'({lopt.num_meta_params},); the files do not belong together')
-  if not np.all(np.isfinite(theta)):
-    raise UserError(f'{where}: θ holds non-finite values; use another checkpoint')
-  return lopt, tf.constant(theta)
-
 
 def _number(prefix):
   """N of a checkpoint prefix `.../name-N`, or None."""
@@ -367,110 +304,24 @@ def _number(prefix):
   return int(match.group(1)) if match else None
 
 
-def _checkpoint_spec(spec):
-  """(Restored or None, directory) for a train_dir or a checkpoint path, or (None, None)."""
+
+def read_checkpoint(spec):
+  """(Restored or None, directory) for a train_dir or a checkpoint path, or (None, None).
+
+  A train_dir gives its newest checkpoint that verifies (`restore_newest_valid`); an explicit
+  checkpoint path is used as is, with no fallback to another one.
+
+  Raises:
+    UserError: checkpoints exist but none verifies, or the explicit one does not.
+  """
   if os.path.isdir(spec):
     return restore_newest_valid(spec), spec
   if not glob.glob(glob.escape(spec) + '.*'):
     return None, None
-  try:  # an explicit checkpoint is used as is: no fallback to another one
+  try:
     reader = _verified_reader(spec)
   except ValueError as e:
     raise UserError(f'checkpoint {spec} is corrupt or incompatible ({e}); use another '
                     'checkpoint') from None
   return Restored(prefix=spec, number=_number(spec), reader=reader, skipped=(), older=()), (
       os.path.dirname(spec))
-
-
-def load_learned_optimizer(spec):
-  """Loads a learned optimizer for evaluation.
-
-  Args:
-    spec: a train_dir (its newest checkpoint that verifies, see `restore_newest_valid`), a
-      checkpoint path (train_dir/ckpt-N, used as is) or the name of a shipped optimizer (see
-      `shipped_names()`).
-
-  Returns:
-    (name str, the `MLPLOpt` (callable θ -> Optimizer), theta float32 [P] tensor, metadata dict).
-
-  Raises:
-    UserError: nothing found under that spec, no checkpoint that verifies, an unreadable or
-      incompatible configuration, or a non-finite θ.
-  """
-  if spec in shipped_names():
-    where = f'shipped optimizer {spec!r}'
-    meta = io_utils.read_json(os.path.join(PRETRAINED_DIR, spec + '.json'), dict, where,
-                              'reinstall lo_tf')
-    path = os.path.join(PRETRAINED_DIR, spec + '.npz')
-    try:
-      with np.load(path) as z:
-        theta = z['theta']
-    except Exception as e:  # pylint: disable=broad-except
-      # numpy raises OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile...
-      raise UserError(f'{where}: {path} is unreadable ({type(e).__name__}); reinstall '
-                      'lo_tf') from None
-    lopt, theta = _build(meta.get('lopt'), theta, where)
-    return spec, lopt, theta, meta
-  restored, directory = _checkpoint_spec(spec)
-  if restored is None:
-    raise UserError(f'no checkpoint at {spec!r}; pass a train_dir written by bin/train, a '
-                    f'checkpoint path (train_dir/ckpt-N) or a shipped name {shipped_names()}')
-  config_path = os.path.join(directory, 'lopt.json')
-  if not os.path.exists(config_path):
-    raise UserError(f'{directory} has checkpoints but no lopt.json; it was not written by '
-                    'bin/train')
-  meta = io_utils.read_json(config_path, dict, 'learned-optimizer configuration',
-                            'it was not written by bin/train, or restore it from a backup')
-  where = f'checkpoint {restored.prefix}'
-  try:
-    theta = restored.reader.get_tensor(_THETA_KEY)
-    outer_steps = int(restored.reader.get_tensor(_STEP_KEY))
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'{where} holds no θ or outer step ({_one_line(e, 120)}); it was not written '
-                    'by bin/train') from None
-  lopt, theta = _build(meta.get('lopt'), theta, where)
-  meta = dict(meta, outer_steps=outer_steps, checkpoint=restored.prefix)
-  return f'learned_{meta.get("objective", "")}'.rstrip('_'), lopt, theta, meta
-
-
-def check_export_name(name, out_dir=PRETRAINED_DIR, overwrite=False):
-  """Checks `name` for `export_pretrained` before any work is done.
-
-  Raises:
-    UserError: `name` is not ASCII `[a-z0-9_]+`, or `<name>.npz`/`<name>.json` exists in
-      `out_dir` and `overwrite` is False.
-  """
-  if not isinstance(name, str) or not _NAME.fullmatch(name):
-    raise UserError(f'name {name!r} must be lowercase ASCII letters, digits and underscores '
-                    '([a-z0-9_]+); pick another --name')
-  existing = [p for p in (os.path.join(out_dir, name + ext) for ext in ('.npz', '.json'))
-              if os.path.exists(p)]
-  if existing and not overwrite:
-    raise UserError(f'{existing[0]} exists (a shipped optimizer named {name!r}); pick another '
-                    '--name or pass --overwrite to replace it')
-
-
-def export_pretrained(checkpoint, name, metadata, out_dir=PRETRAINED_DIR, overwrite=False):
-  """Writes `<name>.npz` (θ) and `<name>.json` (configuration + `metadata`) atomically.
-
-  Args:
-    checkpoint: a train_dir or checkpoint path.
-    name: the shipped name, ASCII [a-z0-9_]+.
-    metadata: extra JSON-able facts (command, git revision, wall time, machine, eval summary).
-    out_dir: where to write (lo_tf/pretrained by default).
-    overwrite: replace an optimizer of that name; without it an existing name is refused.
-
-  Returns:
-    The path of the written `<name>.json`.
-
-  Raises:
-    UserError: for a bad or existing name or a bad checkpoint.
-  """
-  check_export_name(name, out_dir, overwrite)
-  _, _, theta, meta = load_learned_optimizer(checkpoint)
-  buf = io.BytesIO()
-  np.savez(buf, theta=theta.numpy())
-  io_utils.ensure_writable_dir(out_dir)
-  io_utils.atomic_write_bytes(os.path.join(out_dir, name + '.npz'), buf.getvalue())
-  io_utils.atomic_write_json(os.path.join(out_dir, name + '.json'), dict(meta, **metadata))
-  return os.path.join(out_dir, name + '.json')

@@ -1,0 +1,1 @@
+"""Timing (paper App. B, App. F): one alternating-median harness and the benchmarks built on it."""

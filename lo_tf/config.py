@@ -1,0 +1,161 @@
+"""Gin configuration: parsing, building, the registry of configurables and the operative record.
+
+Every configurable lives in the module that declares it (`@gin.configurable`); `load_configurables`
+imports every lo_tf module below the command-line layer (`lo_tf.launch`), so a gin file can name
+any of them, and `configurables()` lists what gin registered from those modules: derived from the
+code, never a hand-kept list. `parse_gin` and `build` turn configuration errors into one-line
+`UserError`s. The rest reads and compares operative configurations (`operative_config.gin`), by
+which a resumed run is checked against the one that wrote its train_dir.
+"""
+
+import functools
+import importlib
+import inspect
+import os
+import pkgutil
+
+import gin
+
+import lo_tf
+from lo_tf.errors import UserError
+
+_COMMAND_LINE_LAYER = 'lo_tf.launch'
+
+
+@functools.cache
+def load_configurables():
+  """Imports every lo_tf module outside `lo_tf.launch`; returns their names, sorted.
+
+  Importing a module registers its configurables with gin. Modules are found by walking the
+  package, so a new module is included without being listed anywhere.
+  """
+  names = []
+  for info in pkgutil.walk_packages(lo_tf.__path__, 'lo_tf.'):
+    if (info.name == _COMMAND_LINE_LAYER or info.name.startswith(_COMMAND_LINE_LAYER + '.') or
+        info.name.rsplit('.', 1)[-1].startswith('_')):  # private: the op libraries (.so)
+      continue
+    importlib.import_module(info.name)
+    names.append(info.name)
+  return sorted(names)
+
+
+def configurables():
+  """{gin name: module} of every configurable that lo_tf declares (after `load_configurables`)."""
+  found = {}
+  for module_name in load_configurables():
+    module = importlib.import_module(module_name)
+    for name, obj in vars(module).items():
+      if getattr(obj, '__module__', None) != module_name or not (
+          inspect.isclass(obj) or inspect.isfunction(obj)):
+        continue
+      try:
+        gin.get_configurable(obj)
+      except ValueError:  # not registered with gin
+        continue
+      found[name] = module_name
+  return dict(sorted(found.items()))
+
+
+def find_gin_file(path, search_root=None):
+  """`path` as given when it exists or is absolute, else relative to `search_root`.
+
+  Gin files live in the checkout's `gin/` folder, not in the installed package: relative paths are
+  read from the working directory first, then from `search_root` (default: the folder above the
+  lo_tf package, the checkout root when lo_tf runs from a checkout, however it was installed).
+  """
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  root = search_root or os.path.dirname(os.path.dirname(os.path.abspath(lo_tf.__file__)))
+  candidate = os.path.join(root, path)
+  return candidate if os.path.exists(candidate) else path
+
+
+@functools.cache
+def _add_search_path(directory):
+  """Lets gin `include`s name files relative to `directory` (once per directory)."""
+  gin.add_config_file_search_path(directory)
+
+
+def parse_gin(gin_files, gin_bindings, extra_bindings=()):
+  """Parses gin files and bindings after importing every configurable.
+
+  Relative files and `include`s are found as `find_gin_file` finds them.
+
+  Raises:
+    UserError: for a missing gin file, an unknown configurable or parameter, or a syntax error.
+  """
+  load_configurables()
+  if not gin_files:
+    raise UserError('no --gin_file given; pass a config, e.g. --gin_file=gin/quickstart.gin')
+  gin_files = [find_gin_file(f) for f in gin_files]
+  for f in gin_files:
+    if not os.path.isfile(f):
+      what = 'is a directory' if os.path.isdir(f) else 'does not exist'
+      raise UserError(f'gin file {f!r} {what}; pass an existing file to --gin_file')
+  _add_search_path(os.path.dirname(find_gin_file('gin')) or '.')
+  try:
+    gin.parse_config_files_and_bindings(gin_files, list(gin_bindings) + list(extra_bindings),
+                                        finalize_config=False)
+  except Exception as e:  # gin raises ValueError, SyntaxError, KeyError... for config errors
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
+
+
+def build(constructor, *args, **kwargs):
+  """Calls a gin-configured constructor; a bad configured value becomes a one-line UserError.
+
+  Gin evaluates macros and references only when the constructor is called, so type errors of the
+  configuration (an undefined macro, a reference to the wrong class) surface here.
+  """
+  try:
+    return constructor(*args, **kwargs)
+  except TypeError as e:
+    first = str(e).strip().splitlines()[0]
+    raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
+
+
+def parse_bindings(text):
+  """{binding: value text} of a gin config string (as `gin.operative_config_str()` writes it).
+
+  Comments, blank lines and imports are skipped; a value continued on indented lines (gin's
+  `key = \\` form) is joined with single spaces.
+  """
+  bindings, key = {}, None
+  for line in text.splitlines():
+    stripped = line.strip()
+    if not stripped or stripped.startswith('#'):
+      continue
+    if line[0].isspace() and key is not None:  # a continuation line
+      bindings[key] = (bindings[key] + ' ' + stripped).strip()
+      continue
+    if ' = ' not in line or stripped.startswith(('import ', 'from ')):
+      key = None
+      continue
+    key, value = line.split(' = ', 1)
+    key, value = key.strip(), value.strip()
+    bindings[key] = '' if value == '\\' else value
+  return bindings
+
+
+def operative_config_text(values):
+  """The run's operative configuration as gin text: gin's operative config (every parameter of
+  every configurable called so far, defaults included) updated by `values` ({binding: value}: what
+  a caller passed explicitly, which gin does not record)."""
+  bindings = parse_bindings(gin.operative_config_str())
+  bindings.update({k: repr(v) for k, v in values.items()})
+  return ''.join(f'{k} = {v}\n' for k, v in sorted(bindings.items()))
+
+
+def config_differences(saved, current, ignore=()):
+  """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out."""
+  return [(k, saved.get(k, '(unset)'), current.get(k, '(unset)'))
+          for k in sorted(set(saved) | set(current))
+          if k not in ignore and saved.get(k) != current.get(k)]
+
+
+def describe_differences(differences, limit=4, width=40):
+  """One short phrase naming the differing bindings: 'A (x vs y), B (u vs v) and 3 more'."""
+  clip = lambda v: v if len(v) <= width else v[:width - 3] + '...'
+  parts = [f'{k} ({clip(a)} vs {clip(b)})' for k, a, b in differences[:limit]]
+  more = len(differences) - limit
+  return ', '.join(parts) + (f' and {more} more' if more > 0 else '')

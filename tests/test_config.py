@@ -1,0 +1,44 @@
+"""The gin configuration owner: a registry that cannot go stale, gin files found from anywhere."""
+
+import glob
+import os
+import re
+
+import gin
+import pytest
+
+from conftest import REPO
+from lo_tf import config
+from lo_tf.errors import UserError
+
+
+def test_every_declared_configurable_is_registered():
+  """Every `@gin.configurable` written in lo_tf (outside launch/) is in the derived registry."""
+  declared = set()
+  for path in glob.glob(os.path.join(REPO, 'lo_tf', '**', '*.py'), recursive=True):
+    if os.sep + 'launch' + os.sep in path:
+      continue
+    text = open(path).read()
+    declared |= set(re.findall(r'^@gin\.configurable(?:\([^@]*?\))?\n(?:class|def) (\w+)', text,
+                               re.M | re.S))
+  assert declared and declared == set(config.configurables())
+  assert {'LearnedLearningRate', 'ToyStudy', 'GradientEstimator'} <= declared
+
+
+def test_gin_files_are_found_from_another_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert config.find_gin_file('gin/quickstart.gin') == os.path.join(REPO, 'gin', 'quickstart.gin')
+  gin.clear_config()
+  try:
+    config.parse_gin(['gin/studies/ablations/es.gin'], [])  # includes fig7_ablations.gin
+    assert gin.query_parameter('GradientEstimator.mode') == 'es'
+  finally:
+    gin.clear_config()
+
+
+def test_a_constructor_passed_argument_cannot_be_bound():
+  for binding in ('OuterLearner.objective = "valid"', 'OuterTrainer.seed = 3',
+                  'GradientEstimator.truncated_step = None'):
+    with pytest.raises(UserError, match='bad gin configuration'):
+      config.parse_gin([os.path.join(REPO, 'gin', 'quickstart.gin')], [binding])
+    gin.clear_config()
