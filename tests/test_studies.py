@@ -20,10 +20,12 @@ from conftest import REPO
 from conftest import require
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
+from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.launch import study
 from lo_tf.outer_trainers.loop import OuterTrainer
 from lo_tf.studies import ablations
 from lo_tf.studies import base
+from lo_tf.studies import direction
 from lo_tf.studies import landscape
 from lo_tf.studies import toy
 from lo_tf.tasks.distribution import OUTER_TEST
@@ -194,6 +196,32 @@ def test_roughness_of_a_line_is_zero_and_of_a_zigzag_is_large():
   assert landscape.roughness([1.0, 2.0, 3.0, 4.0]) == pytest.approx(0.0)
   assert landscape.roughness([0.0, 1.0, 0.0, 1.0]) == pytest.approx(2.0)
   assert np.isnan(landscape.roughness([1.0, 1.0, 1.0]))
+
+
+# The estimator-direction check.
+
+_DIRECTION = ['InnerTrainer.num_steps = 12', 'InnerTrainer.eval_every = 6', 'MLP.hidden = (4,)',
+              'Curriculum.start = 3', 'Curriculum.end = 6', "MLPLOpt.implementation = 'reference'",
+              'EstimatorDirectionStudy.num_batches = 2', 'EstimatorDirectionStudy.num_slots = 2',
+              'EstimatorDirectionStudy.num_tasks = 2', 'EstimatorDirectionStudy.step_sizes = (0.01,)']
+
+
+def test_estimator_direction_scores_the_meta_loss_of_fixed_tasks_and_is_deterministic(tmp_path):
+  files = ['gin/studies/fig3_landscape.gin']  # the embedded digits, no data download
+  _, first = _run_study('estimator_direction', tmp_path / 'a', _DIRECTION, gin_files=files)
+  _, again = _run_study('estimator_direction', tmp_path / 'b', _DIRECTION, gin_files=files)
+  assert again['positions'] == first['positions']
+  # The line search's objective: mean train loss over T of the fixed outer-train tasks at θ0.
+  experiment, family = build_experiment(), MLPLOpt()
+  theta0 = family.init_theta(tf.constant([0, 0]))
+  losses = [np.mean(experiment.trainer.train(family, theta0, experiment.tasks.sample_task(
+      OUTER_TRAIN, direction.TASK_SEED_OFFSET + i), seed=i).train_loss) for i in range(2)]
+  assert first['loss_at_theta'] == pytest.approx(float(np.mean(losses)), rel=1e-6)
+  position = first['positions'][0]
+  assert position['num_samples'] == 4 and 0 < position['rp_weight'] < 1
+  for mode in position['modes']:
+    assert -1 <= mode['split_half_cosine'] <= 1
+    assert mode['change'][0] == pytest.approx(mode['loss'][0] - first['loss_at_theta'])
 
 
 # Figs. 7, 15 and 5.

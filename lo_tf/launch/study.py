@@ -9,6 +9,7 @@ from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.studies import ablations
 from lo_tf.studies import base
+from lo_tf.studies import direction
 from lo_tf.studies import landscape
 from lo_tf.studies import ood
 from lo_tf.studies import outer_training
@@ -18,7 +19,7 @@ from lo_tf.studies import truncation
 STUDIES = {cls.name: cls for cls in (toy.ToyStudy, landscape.LandscapeStudy,
                                      truncation.TruncationStudy,
                                      outer_training.OuterTrainingStudy, ablations.AblationStudy,
-                                     ood.OODStudy)}
+                                     ood.OODStudy, direction.EstimatorDirectionStudy)}
 
 _FLAGS = {'checkpoint': '--checkpoint', 'num_seeds': '--num_seeds', 'train_dirs': '--train_dir'}
 
