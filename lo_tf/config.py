@@ -13,6 +13,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 
 import gin
 
@@ -76,6 +77,36 @@ def _add_search_path(directory):
   gin.add_config_file_search_path(directory)
 
 
+# Gin names renamed since an earlier release (configurable or configurable.parameter): an old
+# binding is refused with its new name.
+RENAMED = {
+    'OuterTrainer.num_workers': 'OuterTrainer.num_slots',
+    'MergedEstimator.estimator': 'GradientEstimator.mode',
+    'MergedEstimator': 'GradientEstimator',
+}
+
+
+def _renamed_binding(message):
+  """(old, new) of a `RENAMED` binding that gin's error `message` refuses, else None.
+
+  Gin names an unknown configurable or parameter on the first line of its message and quotes the
+  binding (`[scope/][module.]Configurable.parameter = value`) on the last.
+  """
+  lines = message.strip().splitlines()
+  if len(lines) < 2 or not re.match(r"(No configurable matching|Configurable '.*' doesn't have a "
+                                    'parameter named)', lines[0]):
+    return None
+  key = lines[-1].split('=', 1)[0].strip().rsplit('/', 1)[-1]
+  configurable, _, parameter = key.rpartition('.')
+  configurable = configurable.rsplit('.', 1)[-1]
+  old = f'{configurable}.{parameter}'
+  if old in RENAMED:
+    return old, RENAMED[old]
+  if configurable in RENAMED:
+    return old, f'{RENAMED[configurable]}.{parameter}'
+  return None
+
+
 def parse_gin(gin_files, gin_bindings, extra_bindings=()):
   """Parses gin files and bindings after importing every configurable.
 
@@ -97,6 +128,10 @@ def parse_gin(gin_files, gin_bindings, extra_bindings=()):
     gin.parse_config_files_and_bindings(gin_files, list(gin_bindings) + list(extra_bindings),
                                         finalize_config=False)
   except Exception as e:  # gin raises ValueError, SyntaxError, KeyError... for config errors
+    renamed = _renamed_binding(str(e))
+    if renamed:
+      raise UserError(f'bad gin configuration: {renamed[0]} was renamed {renamed[1]}; update '
+                      '--gin_file/--gin_bindings') from None
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f'bad gin configuration: {first}; check --gin_file/--gin_bindings') from None
 

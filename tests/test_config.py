@@ -42,3 +42,18 @@ def test_a_constructor_passed_argument_cannot_be_bound():
     with pytest.raises(UserError, match='bad gin configuration'):
       config.parse_gin([os.path.join(REPO, 'gin', 'quickstart.gin')], [binding])
     gin.clear_config()
+
+
+@pytest.mark.parametrize('binding, message', [
+    ('OuterTrainer.num_workers = 8', 'OuterTrainer.num_workers was renamed OuterTrainer.num_slots'),
+    ("MergedEstimator.estimator = 'es'",
+     'MergedEstimator.estimator was renamed GradientEstimator.mode'),
+    ('MergedEstimator.sigma = 0.2', 'MergedEstimator.sigma was renamed GradientEstimator.sigma'),
+    ('a/OuterTrainer.num_workers = 8', 'OuterTrainer.num_workers was renamed'),
+    ('OuterTrainer.nope = 8', "doesn't have a parameter named 'nope'")])
+def test_a_renamed_binding_is_refused_with_its_new_name(binding, message):
+  try:
+    with pytest.raises(UserError, match=re.escape(message)):
+      config.parse_gin([os.path.join(REPO, 'gin', 'quickstart.gin')], [binding])
+  finally:
+    gin.clear_config()

@@ -7,6 +7,7 @@ independent computation where one exists.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -222,6 +223,16 @@ def test_estimator_direction_scores_the_meta_loss_of_fixed_tasks_and_is_determin
   for mode in position['modes']:
     assert -1 <= mode['split_half_cosine'] <= 1
     assert mode['change'][0] == pytest.approx(mode['loss'][0] - first['loss_at_theta'])
+
+
+
+@pytest.mark.parametrize('binding, message', [
+    ({'outer_steps': ()}, 'outer_steps=()'), ({'outer_steps': 5}, 'outer_steps=5'),
+    ({'outer_steps': (-1,)}, 'outer_steps=-1'), ({'num_batches': 3}, 'is odd'),
+    ({'step_sizes': ()}, 'step_sizes=()'), ({'seed': 'x'}, "seed='x'")])
+def test_estimator_direction_refuses_bad_sizes_with_a_user_error(binding, message):
+  with pytest.raises(UserError, match=re.escape(message)):
+    direction.EstimatorDirectionStudy(**binding)
 
 
 # Figs. 7, 15 and 5.

@@ -77,6 +77,9 @@ class EstimatorDirectionStudy(base.Study):
 
   def __init__(self, outer_steps=(0,), num_batches=8, num_slots=8, num_tasks=8,
                step_sizes=(3e-3, 1e-2, 3e-2), seed=7):
+    if not isinstance(outer_steps, (tuple, list)) or not outer_steps:
+      raise UserError(f'EstimatorDirectionStudy.outer_steps={outer_steps!r}; give a non-empty '
+                      'tuple of curriculum positions, e.g. (0, 100)')
     self.outer_steps = tuple(check_int('EstimatorDirectionStudy', 'outer_steps', s, minimum=0)
                              for s in outer_steps)
     self.num_batches = check_int('EstimatorDirectionStudy', 'num_batches', num_batches, minimum=2)
@@ -89,7 +92,7 @@ class EstimatorDirectionStudy(base.Study):
       raise UserError(f'EstimatorDirectionStudy.step_sizes={tuple(step_sizes)}; give positive '
                       'step sizes')
     self.step_sizes = tuple(float(a) for a in step_sizes)
-    self.seed = int(seed)
+    self.seed = check_int('EstimatorDirectionStudy', 'seed', seed, minimum=0)
 
   def compute(self, output_dir, options, parts):
     del output_dir
