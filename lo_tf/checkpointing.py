@@ -27,6 +27,7 @@ from lo_tf.errors import one_line
 
 THETA_KEY = 'theta/.ATTRIBUTES/VARIABLE_VALUE'
 STEP_KEY = 'step/.ATTRIBUTES/VARIABLE_VALUE'
+WALL_SECONDS_KEY = 'wall_seconds/.ATTRIBUTES/VARIABLE_VALUE'
 _INDEX = 'checkpoint'  # TensorFlow's CheckpointState file
 # The files of checkpoint ckpt-N, and the temporary directory TensorFlow saves it through.
 _CHECKPOINT_FILE = re.compile(r'(ckpt-(\d+))\.(index|data-\d+-of-\d+)')

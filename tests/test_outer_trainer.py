@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from conftest import one_line
 from lo_tf import checkpointing
 from lo_tf.errors import UserError
 from lo_tf.experiment import Experiment
@@ -278,6 +279,30 @@ def test_a_fresh_run_starts_from_theta_init_and_records_it(experiment, tmp_path)
   resumed = _trainer(experiment, tmp_path, steps=2, theta_init=init)
   resumed.train()
   assert not (tmp_path / 'theta_init.json').exists()
+
+
+def test_a_warm_start_takes_the_best_theta_of_a_run_and_its_outer_training_time(
+    experiment, trained, tmp_path):
+  source = str(trained[0])
+  best = checkpointing.read_checkpoint(os.path.join(source, 'best'))[0].reader
+  family = MLPLOpt(implementation='reference')
+  theta, record = ThetaInit('checkpoint', checkpoint=source)(experiment, family, 'valid', seed=0)
+  np.testing.assert_array_equal(theta.numpy(), best.get_tensor(checkpointing.THETA_KEY))
+  source_seconds = float(best.get_tensor(checkpointing.WALL_SECONDS_KEY))
+  assert source_seconds > 0 and record['wall_seconds'] == source_seconds
+  assert (record['source_objective'], record['objective']) == ('train', 'valid')
+  warm = _trainer(experiment, tmp_path, steps=1, theta_init=ThetaInit('checkpoint',
+                                                                       checkpoint=source))
+  result = warm.train()
+  with open(tmp_path / 'theta_init.json') as f:
+    assert json.load(f)['theta_digest'] == record['theta_digest']
+  assert result['wall_seconds_total'] > source_seconds
+  with pytest.raises(UserError, match='hidden_size') as e:
+    ThetaInit('checkpoint', checkpoint=source)(experiment, MLPLOpt(hidden_size=8), 'train', 0)
+  one_line(e)
+  for kind, checkpoint in (('checkpoint', None), ('glorot', source)):
+    with pytest.raises(UserError, match='ThetaInit.checkpoint'):
+      ThetaInit(kind, checkpoint=checkpoint)
 
 
 def test_meta_evaluation_selects_on_outer_valid_and_can_skip_outer_test():

@@ -70,7 +70,8 @@ def load(spec):
       `shipped_names()`).
 
   Returns:
-    (name str, the `MLPLOpt` (callable θ -> Optimizer), theta float32 [P] tensor, metadata dict).
+    (name str, the `MLPLOpt` (callable θ -> Optimizer), theta float32 [P] tensor, metadata dict;
+    from a checkpoint it holds `outer_steps`, `checkpoint` and, where saved, `wall_seconds`).
 
   Raises:
     UserError: nothing found under that spec, no checkpoint that verifies, an unreadable or
@@ -109,6 +110,8 @@ def load(spec):
                     'by bin/train') from None
   lopt, theta = from_config(meta.get('lopt'), theta, where)
   meta = dict(meta, outer_steps=outer_steps, checkpoint=restored.prefix)
+  if restored.reader.has_tensor(checkpointing.WALL_SECONDS_KEY):  # best/ copies do not keep it
+    meta['wall_seconds'] = float(restored.reader.get_tensor(checkpointing.WALL_SECONDS_KEY))
   return f'learned_{meta.get("objective", "")}'.rstrip('_'), lopt, theta, meta
 
 

@@ -241,6 +241,8 @@ class OuterTrainer:
     """θ0 of a fresh run by `theta_init`, recorded in train_dir/theta_init.json."""
     theta, record = self.theta_init(self.exp, self.family, self.meta_eval.objective, self.seed)
     self.learner.theta.assign(theta)
+    # A warm-started θ carries the outer-training time behind it (ThetaInit kind='checkpoint').
+    self.wall_seconds.assign(record.get('wall_seconds', 0.0))
     logging.info('θ init: %s', record)
     io_utils.atomic_write_json(os.path.join(self.train_dir, THETA_INIT), record)
 

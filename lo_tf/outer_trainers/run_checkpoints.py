@@ -70,7 +70,9 @@ class RunCheckpoints:
     self.train_dir, self.metadata, self.keep = train_dir, metadata, keep
     self.run_config = run_config
     self.checkpoint = tf.train.Checkpoint(**trackables)
-    self._best = tf.train.Checkpoint(theta=trackables['theta'], step=trackables['step'])
+    # best/ keeps the outer-training time too, so a run warm-started from it counts that time.
+    self._best = tf.train.Checkpoint(**{k: trackables[k] for k in ('theta', 'step', 'wall_seconds')
+                                        if k in trackables})
     self.best_dir = os.path.join(train_dir, BEST)
     self.manager = self._best_manager = None
 

@@ -1,4 +1,5 @@
-"""θ at outer step 0: Glorot, or a hand-designed step tuned on outer-train tasks (paper §4.1).
+"""θ at outer step 0: Glorot, a hand-designed step tuned on outer-train tasks (paper §4.1), or the
+θ of an earlier run (a warm start).
 
 Neither the paper nor the authors' code fixes θ's initialization. With λ_lin = 1e-3 a Glorot θ
 takes steps of ~1e-3 of an output unit, so the first hundred outer steps of a CNN recipe only grow
@@ -8,6 +9,8 @@ is best by the outer objective on fixed outer-train tasks, out of a grid — sec
 training instead of outer steps. The choice never looks at outer-valid or outer-test tasks.
 """
 
+import os
+
 import gin
 import numpy as np
 import tensorflow as tf
@@ -15,10 +18,13 @@ from absl import logging
 
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
+from lo_tf.io_utils import array_digest
+from lo_tf.learned_optimizers import pretrained
 from lo_tf.outer_trainers.meta_eval import SEED_OFFSET
+from lo_tf.outer_trainers.run_checkpoints import BEST
 from lo_tf.tasks.distribution import OUTER_TRAIN
 
-KINDS = ('glorot', 'tuned_adam')
+KINDS = ('glorot', 'tuned_adam', 'checkpoint')
 
 
 @gin.configurable
@@ -26,21 +32,30 @@ class ThetaInit:
   """Chooses θ0 for a learned optimizer family.
 
   Args:
-    kind: 'glorot' (`family.init_theta`) or 'tuned_adam' (`family.hand_designed_theta` at the best
-      of `step_sizes`).
+    kind: 'glorot' (`family.init_theta`), 'tuned_adam' (`family.hand_designed_theta` at the best
+      of `step_sizes`) or 'checkpoint' (the θ of `checkpoint`).
     step_sizes: the grid of step sizes tried by 'tuned_adam'.
     num_tasks: outer-train tasks (seeds SEED_OFFSET + i, the meta-evaluation's) each step size is
       scored on, one initialization each.
     decay: the EMA decay of the Adam-like direction (one of `MLPLOpt.decays`).
+    checkpoint: for kind='checkpoint': a train_dir written by bin/train (its best θ, train_dir/best,
+      else its newest checkpoint), a checkpoint path (train_dir/ckpt-N) or a shipped name.
 
   Raises:
-    UserError: for an unknown kind, an empty grid or a family without `hand_designed_theta`.
+    UserError: for an unknown kind, an empty grid, a family without `hand_designed_theta`, or
+      kind='checkpoint' without a checkpoint, with one that does not load, or with one of another
+      learned-optimizer configuration than the run's.
   """
 
   def __init__(self, kind='glorot', step_sizes=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-               num_tasks=5, decay=0.9):
+               num_tasks=5, decay=0.9, checkpoint=None):
     if kind not in KINDS:
       raise UserError(f'ThetaInit.kind={kind!r}; use one of {KINDS}')
+    if (kind == 'checkpoint') != (checkpoint is not None):
+      raise UserError(f'ThetaInit.checkpoint={checkpoint!r} with kind={kind!r}: kind="checkpoint" '
+                      'needs a checkpoint (a train_dir, train_dir/ckpt-N or a shipped name) and '
+                      'the other kinds take none')
+    self.checkpoint = checkpoint
     if not step_sizes:
       raise UserError('ThetaInit.step_sizes is empty; give at least one step size')
     self.kind, self.decay = kind, float(decay)
@@ -50,6 +65,9 @@ class ThetaInit:
   def __call__(self, experiment, family, objective, seed):
     """θ0 float32 [P] and a JSON-able record of how it was chosen.
 
+    A 'checkpoint' record holds the source's `wall_seconds` (its outer-training time, 0 where the
+    source does not record it), which `OuterTrainer` adds to the new run's.
+
     Args:
       experiment: `lo_tf.experiment.Experiment`.
       family: the learned optimizer family.
@@ -58,6 +76,8 @@ class ThetaInit:
       seed: the run's seed (the residual weights' seed, as for Glorot).
     """
     stateless = tf.constant([seed, 0])
+    if self.kind == 'checkpoint':
+      return self._from_checkpoint(family, objective)
     if self.kind == 'glorot':
       return family.init_theta(stateless), {'kind': 'glorot'}
     if not hasattr(family, 'hand_designed_theta'):
@@ -84,3 +104,26 @@ class ThetaInit:
               'step_sizes': list(self.step_sizes), 'scores': scores,
               'chosen_step_size': self.step_sizes[best], 'num_tasks': self.num_tasks}
     return family.hand_designed_theta(self.step_sizes[best], stateless, decay=self.decay), record
+
+  def _from_checkpoint(self, family, objective):
+    spec = self.checkpoint
+    best = os.path.join(spec, BEST)
+    try:
+      _, lopt, theta, meta = pretrained.load(best if os.path.isdir(best) else spec)
+    except UserError as e:
+      raise UserError(f'ThetaInit.checkpoint: {e}') from None
+    if lopt.config() != family.config():
+      differ = sorted(k for k in set(lopt.config()) | set(family.config())
+                      if lopt.config().get(k) != family.config().get(k))
+      raise UserError(f'ThetaInit.checkpoint={spec!r} is a learned optimizer with other '
+                      f'{", ".join(differ)} than this run\'s; warm-start from a run of the same '
+                      'MLPLOpt configuration')
+    if meta.get('wall_seconds') is None:
+      logging.warning('ThetaInit.checkpoint=%r records no outer-training time (a best/ written '
+                      'before lo_tf kept it there): the run counts only its own', spec)
+    record = {'kind': self.kind, 'checkpoint': meta.get('checkpoint', spec),
+              'source_objective': meta.get('objective'), 'objective': objective,
+              'source_outer_steps': meta.get('outer_steps'),
+              'wall_seconds': float(meta.get('wall_seconds') or 0.0),
+              'theta_digest': array_digest(theta.numpy())}
+    return theta, record
