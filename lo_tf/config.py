@@ -181,6 +181,23 @@ def operative_config_text(values):
   return ''.join(f'{k} = {v}\n' for k, v in sorted(bindings.items()))
 
 
+def default_text(binding):
+  """`repr` of the code's default for a 'Name.parameter' binding, or None (no such default)."""
+  name, _, parameter = binding.rpartition('.')
+  module = configurables().get(name)
+  if module is None:
+    return None
+  target = getattr(importlib.import_module(module), name)
+  try:
+    signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+  except (TypeError, ValueError):
+    return None
+  found = signature.parameters.get(parameter)
+  if found is None or found.default is inspect.Parameter.empty:
+    return None
+  return repr(found.default)
+
+
 def config_differences(saved, current, ignore=()):
   """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out."""
   return [(k, saved.get(k, '(unset)'), current.get(k, '(unset)'))

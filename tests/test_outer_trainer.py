@@ -297,12 +297,45 @@ def test_a_warm_start_takes_the_best_theta_of_a_run_and_its_outer_training_time(
   with open(tmp_path / 'theta_init.json') as f:
     assert json.load(f)['theta_digest'] == record['theta_digest']
   assert result['wall_seconds_total'] > source_seconds
-  with pytest.raises(UserError, match='hidden_size') as e:
+  with pytest.raises(UserError, match='hidden_size 32 vs 8') as e:
     ThetaInit('checkpoint', checkpoint=source)(experiment, MLPLOpt(hidden_size=8), 'train', 0)
   one_line(e)
-  for kind, checkpoint in (('checkpoint', None), ('glorot', source)):
+  for kind, checkpoint in (('checkpoint', None), ('glorot', source), ('checkpoint', ''),
+                           ('checkpoint', 3)):
     with pytest.raises(UserError, match='ThetaInit.checkpoint'):
       ThetaInit(kind, checkpoint=checkpoint)
+  # A run cannot start from what its own train_dir holds (a kill before its first checkpoint
+  # leaves best/ behind): that θ would be replaced by the run's first save.
+  own = tmp_path / 'own'
+  shutil.copytree(source, own)
+  for leftover in list(own.glob('ckpt-*')) + [own / 'checkpoint']:
+    os.remove(leftover)
+  with pytest.raises(UserError, match="lies in this run's own") as e:
+    _trainer(experiment, own, steps=1,
+             theta_init=ThetaInit('checkpoint', checkpoint=str(own))).train()
+  one_line(e)
+
+
+def test_a_warm_start_prefers_a_shipped_name_and_falls_back_from_an_empty_best(
+    experiment, trained, tmp_path, monkeypatch):
+  family = MLPLOpt(implementation='reference')
+  monkeypatch.chdir(tmp_path)
+  shutil.copytree(trained[0], tmp_path / 'quickstart_digits')
+  theta, record = ThetaInit('checkpoint', checkpoint='quickstart_digits')(experiment, family,
+                                                                         'train', 0)
+  shipped = pretrained.load('quickstart_digits')
+  np.testing.assert_array_equal(theta.numpy(), shipped[2].numpy())
+  assert record['source'] == 'quickstart_digits'
+  assert record['wall_seconds'] == shipped[3]['wall_seconds']
+  # best/ without a checkpoint (no meta-evaluation yet): the newest checkpoint is taken.
+  run = tmp_path / 'run'
+  shutil.copytree(trained[0], run)
+  shutil.rmtree(run / 'best')
+  (run / 'best').mkdir()
+  theta, record = ThetaInit('checkpoint', checkpoint=str(run))(experiment, family, 'train', 0)
+  newest = checkpointing.read_checkpoint(str(run))[0]
+  assert record['checkpoint'] == newest.prefix
+  np.testing.assert_array_equal(theta.numpy(), newest.reader.get_tensor(checkpointing.THETA_KEY))
 
 
 def test_meta_evaluation_selects_on_outer_valid_and_can_skip_outer_test():

@@ -230,6 +230,23 @@ def test_a_changed_configuration_is_refused_naming_every_binding(uninterrupted, 
   assert _trainer(copy, checkpoint_every=4, keep_checkpoints=5).train() is None
 
 
+def test_a_parameter_added_since_the_run_started_is_accepted_at_its_default_only(uninterrupted,
+                                                                                tmp_path):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  path = copy / run_checkpoints.RUN_CONFIG
+  lines = path.read_text().splitlines(keepends=True)
+  assert 'ThetaInit.checkpoint = None\n' in lines
+  # As a run saved before ThetaInit.checkpoint existed: it resumes (here: is finished).
+  path.write_text(''.join(l for l in lines if not l.startswith('ThetaInit.checkpoint ')))
+  assert _trainer(copy).train() is None
+  # A binding absent from the saved configuration and not at the code's default is a change.
+  path.write_text(''.join(l for l in lines if not l.startswith('InnerTrainer.batch_size ')))
+  with pytest.raises(UserError, match=r'InnerTrainer\.batch_size \(\(unset\) vs 8\)'):
+    _trainer(copy).train()
+
+
 def test_without_recorded_configuration_the_refusal_names_the_binding(uninterrupted, tmp_path):
   train_dir, _, _ = uninterrupted
   copy = tmp_path / 'copy'

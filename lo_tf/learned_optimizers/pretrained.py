@@ -110,7 +110,7 @@ def load(spec):
                     'by bin/train') from None
   lopt, theta = from_config(meta.get('lopt'), theta, where)
   meta = dict(meta, outer_steps=outer_steps, checkpoint=restored.prefix)
-  if restored.reader.has_tensor(checkpointing.WALL_SECONDS_KEY):  # best/ copies do not keep it
+  if restored.reader.has_tensor(checkpointing.WALL_SECONDS_KEY):  # not in older best/ copies
     meta['wall_seconds'] = float(restored.reader.get_tensor(checkpointing.WALL_SECONDS_KEY))
   return f'learned_{meta.get("objective", "")}'.rstrip('_'), lopt, theta, meta
 

@@ -240,9 +240,14 @@ class OuterTrainer:
   def _initialize_theta(self):
     """θ0 of a fresh run by `theta_init`, recorded in train_dir/theta_init.json."""
     theta, record = self.theta_init(self.exp, self.family, self.meta_eval.objective, self.seed)
+    source = record.get('checkpoint')
+    if source and not os.path.relpath(os.path.realpath(source),
+                                      os.path.realpath(self.train_dir)).startswith('..'):
+      raise UserError(f'ThetaInit.checkpoint={record["source"]!r} lies in this run\'s own '
+                      f'--train_dir {self.train_dir}; warm-start from another run')
     self.learner.theta.assign(theta)
     # A warm-started θ carries the outer-training time behind it (ThetaInit kind='checkpoint').
-    self.wall_seconds.assign(record.get('wall_seconds', 0.0))
+    self.wall_seconds.assign(record.get('wall_seconds') or 0.0)
     logging.info('θ init: %s', record)
     io_utils.atomic_write_json(os.path.join(self.train_dir, THETA_INIT), record)
 

@@ -137,6 +137,9 @@ class RunCheckpoints:
                       '--train_dir') from None
     differences = config.config_differences(saved, config.parse_bindings(self.run_config),
                                               ignore=RESUMABLE)
+    # A parameter added to lo_tf after the run started, left at its default, changes nothing.
+    differences = [(k, old, new) for k, old, new in differences
+                   if not (old == '(unset)' and new == config.default_text(k))]
     if differences:
       resumable = ', '.join(k.split('.', 1)[1] for k in RESUMABLE)
       raise UserError(f'--train_dir {self.train_dir} holds a run of another configuration (saved '

@@ -38,8 +38,12 @@ class ThetaInit:
     num_tasks: outer-train tasks (seeds SEED_OFFSET + i, the meta-evaluation's) each step size is
       scored on, one initialization each.
     decay: the EMA decay of the Adam-like direction (one of `MLPLOpt.decays`).
-    checkpoint: for kind='checkpoint': a train_dir written by bin/train (its best θ, train_dir/best,
-      else its newest checkpoint), a checkpoint path (train_dir/ckpt-N) or a shipped name.
+    checkpoint: for kind='checkpoint': the name of a shipped optimizer (looked up first), a
+      train_dir written by bin/train (its best θ, train_dir/best, where that holds a checkpoint,
+      else its newest checkpoint) or a checkpoint path (train_dir/ckpt-N); a relative path is
+      read from the working directory. Only the `MLPLOpt` configuration must match the run's (the
+      objective and the inner problem may differ). A resumed run restores θ from its own
+      checkpoint and does not read the source again.
 
   Raises:
     UserError: for an unknown kind, an empty grid, a family without `hand_designed_theta`, or
@@ -51,10 +55,11 @@ class ThetaInit:
                num_tasks=5, decay=0.9, checkpoint=None):
     if kind not in KINDS:
       raise UserError(f'ThetaInit.kind={kind!r}; use one of {KINDS}')
-    if (kind == 'checkpoint') != (checkpoint is not None):
+    if (kind == 'checkpoint') != (checkpoint is not None) or not (
+        checkpoint is None or (isinstance(checkpoint, str) and checkpoint)):
       raise UserError(f'ThetaInit.checkpoint={checkpoint!r} with kind={kind!r}: kind="checkpoint" '
-                      'needs a checkpoint (a train_dir, train_dir/ckpt-N or a shipped name) and '
-                      'the other kinds take none')
+                      'needs a checkpoint, a non-empty string (a shipped name, a train_dir or '
+                      'train_dir/ckpt-N), and the other kinds take none')
     self.checkpoint = checkpoint
     if not step_sizes:
       raise UserError('ThetaInit.step_sizes is empty; give at least one step size')
@@ -65,8 +70,8 @@ class ThetaInit:
   def __call__(self, experiment, family, objective, seed):
     """θ0 float32 [P] and a JSON-able record of how it was chosen.
 
-    A 'checkpoint' record holds the source's `wall_seconds` (its outer-training time, 0 where the
-    source does not record it), which `OuterTrainer` adds to the new run's.
+    A 'checkpoint' record holds the source's `wall_seconds` (its outer-training time, None where
+    the source does not record it), which `OuterTrainer` takes as the new run's starting time.
 
     Args:
       experiment: `lo_tf.experiment.Experiment`.
@@ -108,22 +113,30 @@ class ThetaInit:
   def _from_checkpoint(self, family, objective):
     spec = self.checkpoint
     best = os.path.join(spec, BEST)
+    # best/ exists from a run's start on; it holds a θ once the first meta-evaluation saved one.
+    source = (spec if spec in pretrained.shipped_names() or
+              not os.path.exists(os.path.join(best, 'checkpoint')) else best)
     try:
-      _, lopt, theta, meta = pretrained.load(best if os.path.isdir(best) else spec)
+      _, lopt, theta, meta = pretrained.load(source)
     except UserError as e:
-      raise UserError(f'ThetaInit.checkpoint: {e}') from None
-    if lopt.config() != family.config():
-      differ = sorted(k for k in set(lopt.config()) | set(family.config())
-                      if lopt.config().get(k) != family.config().get(k))
-      raise UserError(f'ThetaInit.checkpoint={spec!r} is a learned optimizer with other '
-                      f'{", ".join(differ)} than this run\'s; warm-start from a run of the same '
-                      'MLPLOpt configuration')
-    if meta.get('wall_seconds') is None:
-      logging.warning('ThetaInit.checkpoint=%r records no outer-training time (a best/ written '
-                      'before lo_tf kept it there): the run counts only its own', spec)
-    record = {'kind': self.kind, 'checkpoint': meta.get('checkpoint', spec),
+      hint = f' (or pass {spec}/ckpt-N)' if source == best else ''
+      raise UserError(f'ThetaInit.checkpoint={spec!r} does not load: {e}; pass another '
+                      f'ThetaInit.checkpoint{hint}') from None
+    theirs, ours = lopt.config(), family.config()
+    if theirs != ours:
+      differ = [f'{k} {theirs.get(k)!r} vs {ours.get(k)!r}' for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)]
+      raise UserError(f'ThetaInit.checkpoint={spec!r} is a learned optimizer of another '
+                      f'configuration than this run\'s ({", ".join(differ[:3])}); warm-start from '
+                      'a run of the same MLPLOpt configuration')
+    seconds = meta.get('wall_seconds')
+    if not (isinstance(seconds, (int, float)) and np.isfinite(seconds) and seconds >= 0):
+      logging.warning('ThetaInit.checkpoint=%r records no usable outer-training time (%r): the '
+                      'run counts only its own', spec, seconds)
+      seconds = None
+    record = {'kind': self.kind, 'source': spec, 'checkpoint': meta.get('checkpoint', source),
               'source_objective': meta.get('objective'), 'objective': objective,
               'source_outer_steps': meta.get('outer_steps'),
-              'wall_seconds': float(meta.get('wall_seconds') or 0.0),
+              'wall_seconds': None if seconds is None else float(seconds),
               'theta_digest': array_digest(theta.numpy())}
     return theta, record
