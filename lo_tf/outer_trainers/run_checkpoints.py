@@ -58,7 +58,7 @@ class RunCheckpoints:
 
   Args:
     train_dir: the run's directory.
-    trackables: {name: trackable} of everything to save (θ, outer optimizer, step, slots).
+    trackables: {name: trackable} of everything to save (θ, outer optimizer, step, wall_seconds, slots).
     metadata: JSON-able description of the configuration; a resume with a different one is
       refused (`lopt.json`, also written beside the best θ so it loads on its own).
     keep: checkpoints kept.
@@ -71,8 +71,8 @@ class RunCheckpoints:
     self.run_config = run_config
     self.checkpoint = tf.train.Checkpoint(**trackables)
     # best/ keeps the outer-training time too, so a run warm-started from it counts that time.
-    self._best = tf.train.Checkpoint(**{k: trackables[k] for k in ('theta', 'step', 'wall_seconds')
-                                        if k in trackables})
+    self._best = tf.train.Checkpoint(theta=trackables['theta'], step=trackables['step'],
+                                     wall_seconds=trackables['wall_seconds'])
     self.best_dir = os.path.join(train_dir, BEST)
     self.manager = self._best_manager = None
 
