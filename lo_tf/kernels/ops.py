@@ -85,21 +85,29 @@ def _load():
   return _state
 
 
-def _probe_gpu(module):
-  """Why the CUDA kernels fail or disagree with the CPU kernels on a tiny step, or None."""
-  attrs = dict(sizes=[2, 3], hidden_size=3, decays=[0.5, 0.9], time_scales=[10.0],
-               lambda_exp=0.5, lambda_lin=0.5, rms_epsilon=1e-6, norm_epsilon=1e-5,
-               use_momentum=True, use_rms=True, use_time=True, max_log_step=MAX_LOG_STEP)
+# A tiny step (2 tensors of 2 and 3 weights) that probes the kernels.
+_PROBE_ATTRS = dict(sizes=[2, 3], hidden_size=3, decays=[0.5, 0.9], time_scales=[10.0],
+                    lambda_exp=0.5, lambda_lin=0.5, rms_epsilon=1e-6, norm_epsilon=1e-5,
+                    use_momentum=True, use_rms=True, use_time=True, max_log_step=MAX_LOG_STEP)
+
+
+def _probe_inputs():
+  """(theta, g, w, t, m, v) of the probe step."""
   num_params = (2 + 4 * 2 + 1) * 3 + 3 * 3 + 2
   wave = lambda shape, k: tf.sin(tf.reshape(tf.range(tf.reduce_prod(shape), dtype=tf.float32),
                                             shape) * k)
-  inputs = [wave([1, num_params], 0.7), wave([1, 5], 1.3), wave([1, 5], 2.1), tf.constant([3.0]),
-            wave([1, 5, 2], 0.3), tf.abs(wave([1, 5, 2], 0.9))]
+  return [wave([1, num_params], 0.7), wave([1, 5], 1.3), wave([1, 5], 2.1), tf.constant([3.0]),
+          wave([1, 5, 2], 0.3), tf.abs(wave([1, 5, 2], 0.9))]
+
+
+def _probe_gpu(module):
+  """Why the CUDA kernels fail or disagree with the CPU kernels on a tiny step, or None."""
+  inputs = _probe_inputs()
   results = []
   for device in ('/CPU:0', '/GPU:0'):
     with tf.device(device):
-      outs = module.mlp_lopt_step(*inputs, **attrs)
-      grads = module.mlp_lopt_step_grad(*inputs, *outs, **attrs)
+      outs = module.mlp_lopt_step(*inputs, **_PROBE_ATTRS)
+      grads = module.mlp_lopt_step_grad(*inputs, *outs, **_PROBE_ATTRS)
       results.append([x.numpy() for x in (*outs, *grads)])
   for cpu, gpu in zip(*results):
     if not np.allclose(cpu, gpu, rtol=1e-4, atol=1e-6):
@@ -129,6 +137,33 @@ def cpu_isa():
   op is unavailable."""
   module = _load()['module']
   return None if module is None else module.mlp_lopt_cpu_isa().numpy().decode()
+
+
+def supported_cpu_isas():
+  """The CPU kernel variants the op runs here ('auto' first; the ones built that this CPU
+  supports, tried on a tiny step), () when the op is unavailable."""
+  if 'cpu_isas' not in _state:
+    module = _load()['module']
+    runs = []
+    for isa in CPU_ISAS[1:] if module is not None else ():
+      try:
+        with tf.device('/CPU:0'):
+          module.mlp_lopt_step(*_probe_inputs(), **_PROBE_ATTRS, cpu_isa=isa)
+        runs.append(isa)
+      except tf.errors.InvalidArgumentError:  # "cpu_isa=... is not supported by this CPU"
+        pass
+    _state['cpu_isas'] = ('auto',) + tuple(runs) if runs else ()
+  return _state['cpu_isas']
+
+
+def check_cpu_isa(name):
+  """`name` if the op can run that CPU kernel variant here, else a UserError naming the choices."""
+  if name not in CPU_ISAS:
+    raise UserError(f'MLPLOpt.cpu_isa={name!r}; use one of {CPU_ISAS}')
+  if name not in supported_cpu_isas():
+    raise UserError(f'MLPLOpt.cpu_isa={name!r}: this CPU or build lacks that kernel; use one of '
+                    f'{supported_cpu_isas()}')
+  return name
 
 
 def describe():

@@ -80,16 +80,21 @@ class MLPLOpt(LearnedOptimizerFamily):
     use_time: feed the iteration features.
     implementation: 'auto', 'custom_op', 'xla' or 'reference' (see the module docstring). It changes
       speed only, so it is not part of `config()`.
+    cpu_isa: the fused op's CPU kernel: 'auto' (the best this CPU has), 'generic', 'avx2' or
+      'avx512'. The kernels round differently, and outer-training is chaotic, so the same run on
+      another kernel gives another θ; forcing one lets a machine with AVX-512 reproduce what one
+      without it gets (issue 25). Not part of `config()`: a θ trained on one kernel loads and runs
+      on any other. Ignored by the 'xla' and 'reference' implementations.
 
   Raises:
-    UserError: for values out of range, or implementation='custom_op' when the kernel library is
-      not built.
+    UserError: for values out of range, implementation='custom_op' when the kernel library is
+      not built, or a cpu_isa this CPU (or the build) lacks.
   """
 
   def __init__(self, hidden_size=32, decays=(0.5, 0.9, 0.99, 0.999, 0.9999),
                time_scales=AUTHORS_TIME_SCALES, lambda_exp=1e-3, lambda_lin=1e-3,
                rms_epsilon=1e-6, norm_epsilon=1e-5, use_momentum=True, use_rms=True,
-               use_time=True, implementation='auto'):
+               use_time=True, implementation='auto', cpu_isa='auto'):
     check_int('MLPLOpt', 'hidden_size', hidden_size)
     for name, value in (('lambda_exp', lambda_exp), ('lambda_lin', lambda_lin),
                         ('rms_epsilon', rms_epsilon), ('norm_epsilon', norm_epsilon)):
@@ -114,6 +119,7 @@ class MLPLOpt(LearnedOptimizerFamily):
     self.rms_epsilon, self.norm_epsilon = float(rms_epsilon), float(norm_epsilon)
     self.use_momentum, self.use_rms, self.use_time = use_momentum, use_rms, use_time
     self.implementation = _resolve_implementation(implementation)
+    self.cpu_isa = ops.check_cpu_isa(cpu_isa) if self.implementation == 'custom_op' else cpu_isa
     self._xla_core = tf.function(self.reference_core, jit_compile=True)
 
   def config(self):
@@ -123,6 +129,13 @@ class MLPLOpt(LearnedOptimizerFamily):
                 lambda_lin=self.lambda_lin, rms_epsilon=self.rms_epsilon,
                 norm_epsilon=self.norm_epsilon, use_momentum=self.use_momentum,
                 use_rms=self.use_rms, use_time=self.use_time)
+
+  @property
+  def kernel_path(self):
+    """Which numerical path the step runs, e.g. 'custom_op (cpu avx2)' or 'xla' (run metadata)."""
+    if self.implementation != 'custom_op':
+      return self.implementation
+    return f'custom_op (cpu {ops.cpu_isa() if self.cpu_isa == "auto" else self.cpu_isa})'
 
   @property
   def depth(self):
@@ -232,7 +245,7 @@ class MLPLOpt(LearnedOptimizerFamily):
       (new w [M, N], new m, new v).
     """
     if self.implementation == 'custom_op':
-      return ops.mlp_lopt_step(self, theta, g, w, t, m, v, sizes)
+      return ops.mlp_lopt_step(self, theta, g, w, t, m, v, sizes, cpu_isa=self.cpu_isa)
     if self.implementation == 'xla':
       return self._xla_core(theta, g, w, t, m, v, tuple(sizes))
     return self.reference_core(theta, g, w, t, m, v, tuple(sizes))

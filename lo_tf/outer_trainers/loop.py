@@ -140,7 +140,7 @@ class OuterTrainer:
                    for k, v in self.family.config().items()})
     self.run_config = config.operative_config_text(values)
     self.checkpoints = RunCheckpoints(train_dir, trackables, self.metadata, keep_checkpoints,
-                                      self.run_config)
+                                      self.run_config, best_theta=self.learner.evaluated_theta)
     self.summaries = None
     monitoring.check_sane(self.learner.learning_rate, self.estimator.sigma)
 
@@ -172,7 +172,7 @@ class OuterTrainer:
 
   def _meta_evaluate(self, step, log):
     """Meta-evaluates θ at `step`: summaries, the meta-eval log, best/ when it is the best."""
-    result = self.meta_eval(self.theta)
+    result = self.meta_eval(self.learner.evaluated_theta)
     self.summaries.write(step, result, prefix='meta_eval/')
     log[step] = result
     io_utils.atomic_write_json(os.path.join(self.train_dir, META_EVAL_LOG),
@@ -246,6 +246,7 @@ class OuterTrainer:
       raise UserError(f'ThetaInit.checkpoint={record["source"]!r} lies in this run\'s own '
                       f'--train_dir {self.train_dir}; warm-start from another run')
     self.learner.theta.assign(theta)
+    self.learner.reset_average()
     # A warm-started θ carries the outer-training time behind it (ThetaInit kind='checkpoint').
     self.wall_seconds.assign(record.get('wall_seconds') or 0.0)
     logging.info('θ init: %s', record)
@@ -318,7 +319,10 @@ class OuterTrainer:
               'meta_eval_first': log[steps[0]] if steps else None,
               'meta_eval_last': log[steps[-1]] if steps else None,
               'best_meta_eval_score': float(self.best_score),
-              'implementation': getattr(self.family, 'implementation', None)}
+              'implementation': getattr(self.family, 'implementation', None),
+              # The numerical path this process ran (issue 25: another path, another θ).
+              'kernel_path': getattr(self.family, 'kernel_path', None),
+              'onednn_max_cpu_isa': os.environ.get('ONEDNN_MAX_CPU_ISA')}
     if timing['steps']:
       result.update(unrolled_steps_per_sec=timing['unrolled'] / timing['seconds'],
                     samples_per_minute=60.0 * self.num_slots * timing['steps'] /

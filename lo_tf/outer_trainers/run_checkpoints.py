@@ -64,14 +64,17 @@ class RunCheckpoints:
     keep: checkpoints kept.
     run_config: the run's operative configuration (`config.operative_config_text`), recorded as
       `operative_config.gin`; a resume whose configuration differs outside `RESUMABLE` is refused.
+    best_theta: the variable best/ saves as its θ (default `trackables['theta']`; the learner's
+      average θ̄ where it keeps one).
   """
 
-  def __init__(self, train_dir, trackables, metadata, keep, run_config=None):
+  def __init__(self, train_dir, trackables, metadata, keep, run_config=None, best_theta=None):
     self.train_dir, self.metadata, self.keep = train_dir, metadata, keep
     self.run_config = run_config
     self.checkpoint = tf.train.Checkpoint(**trackables)
     # best/ keeps the outer-training time too, so a run warm-started from it counts that time.
-    self._best = tf.train.Checkpoint(theta=trackables['theta'], step=trackables['step'],
+    best_theta = trackables['theta'] if best_theta is None else best_theta
+    self._best = tf.train.Checkpoint(theta=best_theta, step=trackables['step'],
                                      wall_seconds=trackables['wall_seconds'])
     self.best_dir = os.path.join(train_dir, BEST)
     self.manager = self._best_manager = None
@@ -164,7 +167,7 @@ class RunCheckpoints:
 
   def save_best(self, step):
     """Saves θ as the best so far (train_dir/best/ckpt-<step>)."""
-    _check_finite(self.checkpoint.theta)
+    _check_finite(self._best.theta)
     checkpointing.write_digest(self._best_manager.save(checkpoint_number=step))
     checkpointing.remove_stale_digests(self.best_dir)
 
