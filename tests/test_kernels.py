@@ -346,3 +346,36 @@ def test_cuda_kernels_agree_with_the_cpu_kernels_on_emulated_threads(tmp_path):
   lines = result.stdout.splitlines()
   assert result.returncode == 0 and len(lines) == 9, result.stdout
   assert all(': agree' in line for line in lines), result.stdout
+
+
+@requires_op
+def test_mlplopt_cpu_isa_runs_the_chosen_kernel_and_is_not_part_of_theta_config():
+  """MLPLOpt.cpu_isa picks the op's kernel (issue 25): every supported one agrees with the
+  reference to rounding, differs from another in its bits, and a θ's config does not name it."""
+  supported = ops.supported_cpu_isas()
+  assert supported[0] == 'auto' and ops.cpu_isa() in supported and 'generic' in supported
+  sizes = (300, 5, 77)
+  reference = MLPLOpt(lambda_exp=0.3, lambda_lin=0.05, implementation='reference')
+  inputs = _inputs(reference, 2, sizes, seed=4)
+  expected = reference.core(*inputs, sizes)[0].numpy()
+  steps = {}
+  for isa in supported:
+    lopt = MLPLOpt(lambda_exp=0.3, lambda_lin=0.05, implementation='custom_op', cpu_isa=isa)
+    assert lopt.kernel_path == f'custom_op (cpu {ops.cpu_isa() if isa == "auto" else isa})'
+    assert lopt.config() == reference.config()
+    steps[isa] = lopt.core(*inputs, sizes)[0].numpy()
+    np.testing.assert_allclose(steps[isa], expected, rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(steps['auto'], steps[ops.cpu_isa()])
+  if ops.cpu_isa() != 'generic':  # FMA and vector widths round differently from plain SSE
+    assert not np.array_equal(steps['generic'], steps[ops.cpu_isa()])
+  assert MLPLOpt(implementation='reference', cpu_isa='avx2').kernel_path == 'reference'
+
+
+@requires_op
+def test_a_cpu_isa_the_cpu_lacks_or_an_unknown_one_is_a_user_error(monkeypatch):
+  with pytest.raises(UserError, match=r"MLPLOpt.cpu_isa='sse9'; use one of"):
+    MLPLOpt(implementation='custom_op', cpu_isa='sse9')
+  monkeypatch.setitem(ops._state, 'cpu_isas', ('auto', 'generic', 'avx2'))
+  with pytest.raises(UserError, match=r"cpu_isa='avx512': this CPU or build lacks that kernel; "
+                                      r"use one of \('auto', 'generic', 'avx2'\)"):
+    MLPLOpt(implementation='custom_op', cpu_isa='avx512')

@@ -39,8 +39,9 @@ def _trainer(experiment, train_dir, steps=4, bindings=(), **kwargs):
   gin.clear_config()
   gin.parse_config(list(_CURRICULUM) + list(bindings))
   kwargs.setdefault('family', MLPLOpt(implementation='reference'))
+  kwargs.setdefault('meta_eval_every', 1000)
   return OuterTrainer(experiment, str(train_dir), num_slots=2, num_outer_steps=steps,
-                      checkpoint_every=2, meta_eval_every=1000, meta_eval_tasks=1, **kwargs)
+                      checkpoint_every=2, meta_eval_tasks=1, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -124,6 +125,66 @@ def test_a_step_that_would_overflow_theta_is_undone(experiment, tmp_path):
     np.testing.assert_array_equal(v.numpy(), b)
   with pytest.raises(UserError, match='outer_learning_rate'):
     OuterLearner(tf.zeros([2]), estimators.merge, outer_learning_rate=1e39)
+
+
+def _constant_output(gradient, num_samples=2):
+  """An estimator batch whose merged gradient is `gradient` (float32 [P]) exactly."""
+  g = tf.tile(tf.constant(gradient, tf.float32)[None], [num_samples, 1])
+  zeros = tf.zeros([num_samples])
+  return estimators.EstimatorOutput(g_rp=g, g_es=g, loss_pos=zeros, loss_neg=zeros,
+                                    finite=tf.ones([num_samples], tf.bool),
+                                    lengths=tf.zeros([num_samples], tf.int32), train_loss=zeros,
+                                    reset=tf.zeros([num_samples], tf.bool))
+
+
+def test_outer_lr_decays_by_a_cosine_and_the_average_is_an_ema_of_the_iterates():
+  """With a constant gradient, Adam's bias-corrected step is the learning rate itself, so each
+  step moves θ by the cosine schedule's rate; θ̄ is the EMA of the iterates (issue 25)."""
+  lr, steps, fraction, decay = 1e-2, 6, 0.2, 0.7
+  learner = OuterLearner(tf.zeros([3]), estimators.merge, outer_learning_rate=lr,
+                         average_decay=decay, decay_steps=4, final_lr_fraction=fraction)
+  learner.reset_average()
+  iterates, average = [np.zeros(3)], np.zeros(3)
+  for _ in range(steps):
+    assert float(learner.apply(_constant_output([0.05, -0.05, 0.05]))['applied']) == 1.0
+    iterates.append(learner.theta.numpy().astype(np.float64))
+    average = decay * average + (1 - decay) * iterates[-1]
+  moves = np.abs(np.diff(np.array(iterates)[:, 0]))
+  expected = [lr * (fraction + (1 - fraction) * 0.5 * (1 + np.cos(np.pi * min(k, 4) / 4)))
+              for k in range(steps)]
+  np.testing.assert_allclose(moves, expected, rtol=1e-4)
+  np.testing.assert_allclose(learner.evaluated_theta.numpy(), average, rtol=1e-5, atol=1e-9)
+  assert 'theta_average' in learner.trackables()
+  plain = OuterLearner(tf.zeros([3]), estimators.merge, outer_learning_rate=lr)
+  assert plain.evaluated_theta is plain.theta and 'theta_average' not in plain.trackables()
+  for binding, value in (('average_decay', 1.0), ('decay_steps', 0), ('final_lr_fraction', 2.0)):
+    with pytest.raises(UserError, match=binding):
+      OuterLearner(tf.zeros([3]), estimators.merge, **{binding: value})
+
+
+def test_with_averaging_meta_eval_and_best_see_the_average_and_a_resume_is_exact(experiment,
+                                                                                  tmp_path):
+  average = ['OuterLearner.average_decay = 0.5', 'OuterLearner.decay_steps = 4']
+  trainer = _trainer(experiment, tmp_path / 'a', bindings=average, meta_eval_every=4)
+  theta0 = trainer.theta.numpy().copy()
+  trainer.train()
+  theta_bar = trainer.learner.theta_average.numpy()
+  assert not np.array_equal(theta_bar, trainer.theta.numpy())
+  log = json.loads((tmp_path / 'a' / 'meta_eval.json').read_text())
+  assert float(trainer.best_score) == min(v['selection_score'] for v in log.values())
+  best_step = min(log, key=lambda k: log[k]['selection_score'])
+  _, _, best, _ = pretrained.load(str(tmp_path / 'a' / 'best'))
+  np.testing.assert_array_equal(best, theta_bar if best_step == '4' else theta0)
+  assert trainer.meta_eval(theta_bar)['selection_score'] == log['4']['selection_score']
+  shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+  for name in os.listdir(tmp_path / 'b'):
+    if name.startswith('ckpt-4'):
+      os.remove(tmp_path / 'b' / name)
+  (tmp_path / 'b' / 'checkpoint').unlink()
+  resumed = _trainer(experiment, tmp_path / 'b', bindings=average, meta_eval_every=4)
+  resumed.train()
+  np.testing.assert_array_equal(resumed.learner.theta_average.numpy(), theta_bar)
+  np.testing.assert_array_equal(resumed.theta.numpy(), trainer.theta.numpy())
 
 
 def _flip_data(directory, prefix):

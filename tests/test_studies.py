@@ -21,6 +21,7 @@ from conftest import REPO
 from conftest import require
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
+from lo_tf.kernels import ops
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.launch import study
 from lo_tf.outer_trainers.loop import OuterTrainer
@@ -28,6 +29,7 @@ from lo_tf.studies import ablations
 from lo_tf.studies import base
 from lo_tf.studies import direction
 from lo_tf.studies import landscape
+from lo_tf.studies import spread
 from lo_tf.studies import toy
 from lo_tf.tasks.distribution import OUTER_TEST
 from lo_tf.tasks.distribution import OUTER_TRAIN
@@ -330,6 +332,83 @@ def test_split_classes_false_puts_every_class_in_both_splits():
     TaskDistribution('digits', test_source='folder:x', split_classes=False)
 
 
+# Issue 25: the spread of outer-training over seeds and kernel paths.
+
+_SPREAD = [b for b in TINY_TRAINING if not b.startswith(('MLP.', 'MLPLOpt.'))] + [
+    'ConvNet.channels = (4,)', 'ConvNet.strides = (2,)', 'ThetaInit.step_sizes = (1e-2,)',
+    'ThetaInit.num_tasks = 1', 'OuterTrainingSpreadStudy.seeds = (3,)',
+    "OuterTrainingSpreadStudy.kernel_paths = ('generic', 'auto')",
+    'OuterTrainingSpreadStudy.num_tasks = 1', 'OuterTrainingSpreadStudy.num_inits = 1']
+
+
+@pytest.fixture(scope='module')
+def spread_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('spread')
+  results, written = _run_study('outer_training_spread', out, _SPREAD)
+  return out, results, written
+
+
+def test_spread_study_trains_each_cell_on_its_kernel_path_and_reports_the_spread(spread_run):
+  out, _, written = spread_run
+  runs = written['runs']
+  assert [(r['seed'], r['kernel_path']) for r in runs] == [(3, 'generic'), (3, 'auto')]
+  for run in runs:
+    train_dir = os.path.join(out, 'runs', spread.run_name(run['seed'], run['kernel_path']))
+    throughput = _strict_json(os.path.join(train_dir, 'throughput.json'))
+    onednn = {'generic': 'SSE41', 'auto': None}[run['kernel_path']]
+    assert throughput['onednn_max_cpu_isa'] == onednn
+    if throughput['implementation'] == 'custom_op':
+      isa = 'generic' if run['kernel_path'] == 'generic' else ops.cpu_isa()
+      assert throughput['kernel_path'] == f'custom_op (cpu {isa})'
+    log = _strict_json(os.path.join(train_dir, 'meta_eval.json'))
+    assert run['steps'] == [0, 1, 2]
+    assert run['selection_scores'] == [log[str(k)]['selection_score'] for k in (0, 1, 2)]
+    assert run['best_selection_score'] == min(run['selection_scores'])
+    # The held-out figures are bin/eval's of the run's best/ θ.
+    evaluated = _strict_json(os.path.join(train_dir, 'eval_outer_test', 'results.json'))
+    for measure, value in run['held_out'].items():
+      assert value == evaluated['summary'][measure]
+    assert 0.0 <= run['held_out']['win_rate_train'] <= 1.0
+  finals = [r['final_selection_score'] for r in runs]
+  summary = written['summary']
+  assert summary['final_selection_score_spread'] == pytest.approx(max(finals) - min(finals))
+  assert summary['num_runs_meeting_goals'] == sum(r['meets_goals'] for r in runs)
+
+
+def test_spread_rerun_trains_nothing_and_another_config_is_refused(spread_run):
+  out, _, written = spread_run
+  index = os.path.join(out, 'runs', 'seed_3_generic', 'ckpt-2.index')
+  before = os.path.getmtime(index)
+  _, again = _run_study('outer_training_spread', out, _SPREAD)
+  assert again['runs'] == written['runs'] and os.path.getmtime(index) == before
+  listing = sorted(os.listdir(out))
+  with pytest.raises(UserError, match='holds runs of another configuration'):
+    study.study_from_flags('outer_training_spread', str(out),
+                           gin_bindings=_SPREAD + ['OuterTrainer.num_slots = 4'])
+  assert sorted(os.listdir(out)) == listing
+
+
+@pytest.mark.parametrize('binding, message', [
+    ('OuterTrainingSpreadStudy.seeds = ()', 'give a non-empty tuple of seeds'),
+    ('OuterTrainingSpreadStudy.seeds = (1, 1)', 'repeats a seed'),
+    ("OuterTrainingSpreadStudy.kernel_paths = ('avx9',)", "holds 'avx9'"),
+    ('OuterTrainingSpreadStudy.kernel_paths = ()', 'non-empty tuple')])
+def test_spread_study_refuses_bad_seeds_and_paths(binding, message, tmp_path):
+  with pytest.raises(UserError, match=re.escape(message)):
+    study.study_from_flags('outer_training_spread', str(tmp_path / 'out'),
+                           gin_bindings=[binding])
+  assert not (tmp_path / 'out').exists()
+
+
+def test_spread_study_refuses_a_kernel_path_this_cpu_lacks(monkeypatch, tmp_path):
+  if not ops.available():
+    pytest.skip('the fused op is not built: no kernel path to check')
+  monkeypatch.setitem(ops._state, 'cpu_isas', ('auto', 'generic'))
+  with pytest.raises(UserError, match="holds 'avx512', which this CPU lacks"):
+    study.study_from_flags('outer_training_spread', str(tmp_path / 'out'),
+                           gin_bindings=["OuterTrainingSpreadStudy.kernel_paths = ('avx512',)"])
+
+
 # bin/study as a subprocess: one-line errors with exit status 2 (started at once: each pays the
 # TensorFlow import).
 
@@ -338,6 +417,8 @@ _CLI_CASES = {
     'unused_flag': (['fig3_toy', '--checkpoint=x'], 'takes no --checkpoint'),
     'bad_size': (['fig3_toy', '--gin_bindings=ToyStudy.horizons = ()'], 'horizons'),
     'no_name': ([], 'give one study name'),
+    'spread_no_seeds': (['outer_training_spread', '--gin_bindings=OuterTrainingSpreadStudy.seeds = ()'],
+                        'non-empty tuple of seeds'),
 }
 
 

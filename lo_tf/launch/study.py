@@ -13,13 +13,15 @@ from lo_tf.studies import direction
 from lo_tf.studies import landscape
 from lo_tf.studies import ood
 from lo_tf.studies import outer_training
+from lo_tf.studies import spread
 from lo_tf.studies import toy
 from lo_tf.studies import truncation
 
 STUDIES = {cls.name: cls for cls in (toy.ToyStudy, landscape.LandscapeStudy,
                                      truncation.TruncationStudy,
                                      outer_training.OuterTrainingStudy, ablations.AblationStudy,
-                                     ood.OODStudy, direction.EstimatorDirectionStudy)}
+                                     ood.OODStudy, direction.EstimatorDirectionStudy,
+                                     spread.OuterTrainingSpreadStudy)}
 
 _FLAGS = {'checkpoint': '--checkpoint', 'num_seeds': '--num_seeds', 'train_dirs': '--train_dir'}
 

@@ -173,6 +173,8 @@ class OuterTrainer:
   def _meta_evaluate(self, step, log):
     """Meta-evaluates θ at `step`: summaries, the meta-eval log, best/ when it is the best."""
     result = self.meta_eval(self.learner.evaluated_theta)
+    if self.learner.theta_average is not None:  # the iterate too: what the average changes
+      result['iterate_selection_score'] = self.meta_eval(self.theta)['selection_score']
     self.summaries.write(step, result, prefix='meta_eval/')
     log[step] = result
     io_utils.atomic_write_json(os.path.join(self.train_dir, META_EVAL_LOG),
