@@ -410,6 +410,11 @@ def test_meta_evaluation_selects_on_outer_valid_and_can_skip_outer_test():
   assert {k.split('/')[0] for k in out if '/' in k} == {'outer_train', 'outer_valid'}
   assert out['selection_score'] == out['outer_valid/mean_valid_loss']
   assert out['outer_valid/mean_valid_loss'] != out['outer_train/mean_valid_loss']
+  evaluate = MetaEvaluator(exp, family, 'valid', num_tasks=1, outer_test=False)
+  theta = family.hand_designed_theta(1e-2, tf.constant([0, 0]))
+  # init_seed 0 is the meta-evaluation of outer-training; another draws other initializations.
+  assert evaluate(theta, init_seed=0) == out
+  assert evaluate(theta, init_seed=1)['selection_score'] != out['selection_score']
 
 
 def test_every_checkpoint_learning_curve_runs_each_baseline_once(experiment, trained, tmp_path):

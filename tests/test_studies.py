@@ -338,7 +338,8 @@ _SPREAD = [b for b in TINY_TRAINING if not b.startswith(('MLP.', 'MLPLOpt.'))] +
     'ConvNet.channels = (4,)', 'ConvNet.strides = (2,)', 'ThetaInit.step_sizes = (1e-2,)',
     'ThetaInit.num_tasks = 1', 'OuterTrainingSpreadStudy.seeds = (3,)',
     "OuterTrainingSpreadStudy.kernel_paths = ('generic', 'auto')",
-    'OuterTrainingSpreadStudy.num_tasks = 1', 'OuterTrainingSpreadStudy.num_inits = 1']
+    'OuterTrainingSpreadStudy.num_tasks = 1', 'OuterTrainingSpreadStudy.num_inits = 1',
+    'OuterTrainingSpreadStudy.num_reevaluations = 2']
 
 
 @pytest.fixture(scope='module')
@@ -369,10 +370,15 @@ def test_spread_study_trains_each_cell_on_its_kernel_path_and_reports_the_spread
     for measure, value in run['held_out'].items():
       assert value == evaluated['summary'][measure]
     assert 0.0 <= run['held_out']['win_rate_train'] <= 1.0
+    # Other inits of the same meta-evaluation task give other scores of the same θ.
+    assert len(run['best_reevaluated_scores']) == 2
+    assert run['best_reevaluated_scores'][0] != run['best_reevaluated_scores'][1]
   finals = [r['final_selection_score'] for r in runs]
   summary = written['summary']
   assert summary['final_selection_score_spread'] == pytest.approx(max(finals) - min(finals))
   assert summary['num_runs_meeting_goals'] == sum(r['meets_goals'] for r in runs)
+  lucks = [r['best_selection_score'] - np.mean(r['best_reevaluated_scores']) for r in runs]
+  assert summary['best_pick_luck_median'] == pytest.approx(np.median(lucks))
 
 
 def test_spread_rerun_trains_nothing_and_another_config_is_refused(spread_run):

@@ -20,6 +20,8 @@ from lo_tf.tasks.distribution import OUTER_VALID
 # by chance, and disjoint from bin/eval's seeds 0, 1, ... by offset (on splits with few distinct
 # tasks, seeds enumerate every task, so both see all of them).
 SEED_OFFSET = 10**6
+# Init seeds of the re-evaluations at `init_seed` > 0: past any task count.
+INIT_SEED_STRIDE = 10**4
 
 
 class MetaEvaluator:
@@ -42,15 +44,20 @@ class MetaEvaluator:
     self.splits = tuple(s for s in splits if s != OUTER_TEST or outer_test)
     self.selection_split = OUTER_VALID if OUTER_VALID in splits else OUTER_TRAIN
 
-  def __call__(self, theta):
+  def __call__(self, theta, init_seed=0):
     """Returns {'<split>/mean_train_loss', '<split>/mean_valid_loss', '<split>/final_valid_loss'}
-    (means over tasks; inf for a diverged run) and 'selection_score'."""
+    (means over tasks; inf for a diverged run) and 'selection_score'.
+
+    `init_seed` > 0 draws other initializations of the same tasks (task i starts from init seed
+    i + INIT_SEED_STRIDE * init_seed): the spread of the score over them is the meta-evaluation's
+    own noise."""
     out = {}
     for split in self.splits:
       rows = []
       for i in range(self.num_tasks):
         task = self.exp.tasks.sample_task(split, SEED_OFFSET + i)
-        curves = self.exp.trainer.train(self.family, theta, task, seed=i)
+        curves = self.exp.trainer.train(self.family, theta, task,
+                                        seed=i + INIT_SEED_STRIDE * init_seed)
         if curves.diverged:
           rows.append((np.inf, np.inf, np.inf))
         else:

@@ -38,6 +38,7 @@ from lo_tf.kernels import ops
 from lo_tf.learned_optimizers import pretrained
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
+from lo_tf.outer_trainers.meta_eval import MetaEvaluator
 from lo_tf.studies import base
 from lo_tf.tasks.distribution import OUTER_TEST
 
@@ -78,6 +79,9 @@ class OuterTrainingSpreadStudy(base.Study):
     split: the held-out split each best/ θ is evaluated on ('outer_test' on the digits, which
       have no outer-valid split; reported only).
     num_tasks, num_inits: bin/eval's --num_tasks and --num_inits for that evaluation.
+    num_reevaluations: the best/ θ's selection score is re-measured on the run's meta-evaluation
+      tasks from this many other initializations: their spread is the meta-evaluation's own
+      noise, and their mean against the recorded best score says how lucky best/'s pick was.
 
   Raises:
     UserError: for an empty seed or path list, an unknown path or one this CPU lacks.
@@ -87,11 +91,12 @@ class OuterTrainingSpreadStudy(base.Study):
   schema = {'runs': [{'seed': int, 'kernel_path': str, 'train_dir': str, 'steps': [int],
                       'selection_scores': [float], 'final_selection_score': float,
                       'best_selection_score': float, 'best_step': int,
-                      'outer_training_seconds': float, 'held_out': dict, 'meets_goals': bool}],
+                      'outer_training_seconds': float, 'best_reevaluated_scores': [float],
+                      'held_out': dict, 'meets_goals': bool}],
             'summary': dict}
 
   def __init__(self, seeds=(0, 1, 2, 3, 4), kernel_paths=('avx2', 'avx512'), split=OUTER_TEST,
-               num_tasks=10, num_inits=3):
+               num_tasks=10, num_inits=3, num_reevaluations=5):
     if not isinstance(seeds, (tuple, list)) or not seeds:
       raise UserError(f'OuterTrainingSpreadStudy.seeds={seeds!r}; give a non-empty tuple of '
                       'seeds, e.g. (0, 1, 2)')
@@ -113,6 +118,8 @@ class OuterTrainingSpreadStudy(base.Study):
     self.split = split
     self.num_tasks = check_int('OuterTrainingSpreadStudy', 'num_tasks', num_tasks)
     self.num_inits = check_int('OuterTrainingSpreadStudy', 'num_inits', num_inits)
+    self.num_reevaluations = check_int('OuterTrainingSpreadStudy', 'num_reevaluations',
+                                       num_reevaluations)
 
   def compute(self, output_dir, options, parts):
     runs_dir = os.path.join(output_dir, RUNS_DIR)
@@ -180,13 +187,30 @@ class OuterTrainingSpreadStudy(base.Study):
     best_dir = os.path.join(train_dir, run_checkpoints.BEST)
     best = int(np.nanargmin(base.floats(scores)))
     held_out = self._evaluate(options, best_dir, train_dir, parts)
+    reevaluated = self._reevaluate(options, best_dir, train_dir, parts)
     meets = all(held_out.get(k) is not None and held_out[k] >= v for k, v in GOALS.items())
     return {'seed': seed, 'kernel_path': path, 'train_dir': train_dir, 'steps': steps,
             'selection_scores': scores, 'final_selection_score': scores[-1],
             'best_selection_score': scores[best], 'best_step': steps[best],
             'outer_training_seconds': throughput.get('wall_seconds_total'),
             'recorded_kernel_path': throughput.get('kernel_path'),
-            'held_out': held_out, 'meets_goals': meets}
+            'best_reevaluated_scores': reevaluated, 'held_out': held_out, 'meets_goals': meets}
+
+  def _reevaluate(self, options, best_dir, train_dir, parts):
+    """best/ θ's selection score from `num_reevaluations` other inits (a cached part)."""
+    _, family, theta, _ = pretrained.load(best_dir)
+    key = {'theta': io_utils.array_digest(theta), 'num': self.num_reevaluations,
+           'config': [_read_text(f) for f in options.gin_files], 'bindings': options.gin_bindings}
+
+    def compute():
+      base.parse_sub_config([os.path.join(train_dir, 'config.gin')], [])
+      trainer = config.build(lambda: loop.OuterTrainer(build_experiment(), train_dir))
+      meta = MetaEvaluator(trainer.exp, family, trainer.meta_eval.objective,
+                           trainer.meta_eval.num_tasks, outer_test=False)
+      return {'scores': [meta(theta, init_seed=k)['selection_score']
+                         for k in range(1, self.num_reevaluations + 1)]}
+
+    return parts.get('reevaluated', key, compute)['scores']
 
   def _evaluate(self, options, best_dir, train_dir, parts):
     """bin/eval of best/ on the held-out split (machine-default kernels); a cached part."""
@@ -223,6 +247,15 @@ def _summary(runs):
              'final_selection_score_range': [float(np.nanmin(final)), float(np.nanmax(final))],
              'final_selection_score_spread': float(np.nanmax(final) - np.nanmin(final)),
              'best_selection_score_spread': float(np.nanmax(best) - np.nanmin(best))}
+  # The meta-evaluation's noise at a fixed θ, and best/'s luck: recorded best minus its
+  # re-measured mean (negative: the pick was a lucky draw of inits).
+  again = [base.floats(r['best_reevaluated_scores']) for r in runs]
+  summary['reevaluated_score_std_median'] = float(np.nanmedian([np.std(a) for a in again]))
+  summary['best_pick_luck_median'] = float(np.nanmedian(
+      [r['best_selection_score'] - np.mean(a) for r, a in zip(runs, again)]))
+  reevaluated = base.floats([np.mean(a) for a in again])
+  summary['reevaluated_best_score_spread'] = float(np.nanmax(reevaluated) -
+                                                   np.nanmin(reevaluated))
   for measure in MEASURES:
     values = base.floats([r['held_out'].get(measure) for r in runs])
     summary[f'median_{measure}'] = float(np.nanmedian(values))
