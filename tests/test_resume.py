@@ -24,6 +24,7 @@ from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import common
 from lo_tf.launch import export
+from lo_tf.launch import train
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
@@ -359,3 +360,112 @@ def test_a_full_disk_mid_run_is_a_clean_error_line(tmp_path, monkeypatch, capfd)
       '3374350367; No space left on device; check that the paths exist and are writable and '
       'that the disk is not full'), errors
   assert '{{function_node' not in err and '[Op:' not in err
+
+
+# ------------------------------------------------------------------ issue 29: the train_dir's form
+
+
+def _gin_file(tmp_path):
+  """The tests' configuration as a gin file for bin/train's code path (`train_from_flags`)."""
+  path = tmp_path / 'run.gin'
+  path.write_text('\n'.join(_CONFIG + [f'OuterTrainer.{k} = {v}' for k, v in _LOOP.items()] +
+                            ["MLPLOpt.implementation = 'reference'"]) + '\n')
+  return str(path)
+
+
+def _bin_train(gin_file, train_dir, steps=_STEPS):
+  return train.train_from_flags([gin_file], [f'OuterTrainer.num_outer_steps = {steps}'],
+                                train_dir)
+
+
+def _killed_during_step(gin_file, train_dir, step, steps=_STEPS):
+  """bin/train killed during outer step `step` (after the checkpoint before it)."""
+  calls = {'batch': 0}
+
+  def during(*_):
+    calls['batch'] += 1
+    return 'before' if calls['batch'] == step else None
+
+  with pytest.MonkeyPatch.context() as m:
+    _kill_at(m, loop.LocalSamples, 'batch', during)
+    with pytest.raises(_Kill):
+      _bin_train(gin_file, train_dir, steps)
+
+
+def _assert_index(directory, steps):
+  """`directory`'s index lists ckpt-N of `steps` (oldest first) by bare name, and exactly those
+  checkpoints are on disk."""
+  lines = (directory / 'checkpoint').read_text().splitlines()
+  assert lines[0] == f'model_checkpoint_path: "ckpt-{steps[-1]}"', lines
+  assert [l.split('"')[1] for l in lines if l.startswith('all_model_checkpoint_paths')] == [
+      f'ckpt-{s}' for s in steps], lines
+  assert tf.train.latest_checkpoint(str(directory)) == str(directory / f'ckpt-{steps[-1]}')
+  assert sorted(p.name for p in directory.glob('ckpt-*.index')) == sorted(
+      f'ckpt-{s}.index' for s in steps)
+
+
+def _snapshot(directory):
+  return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob('*')
+          if p.is_file()}
+
+
+@pytest.mark.parametrize('form', ['relative', 'absolute', 'dot_prefixed', 'symlink'])
+def test_the_index_names_the_train_dirs_own_checkpoints_after_a_resume_and_a_rerun(
+    tmp_path, monkeypatch, form):
+  """Issue 29: with --train_dir=runs/x the rewritten index read "../../ckpt-6"."""
+  gin_file = _gin_file(tmp_path)
+  real = tmp_path / 'runs' / 'x'
+  real.mkdir(parents=True)
+  if form == 'symlink':
+    os.symlink(real, tmp_path / 'link')
+  given = {'relative': 'runs/x', 'absolute': str(real), 'dot_prefixed': './runs/x',
+           'symlink': 'link'}[form]
+  monkeypatch.chdir(tmp_path)
+  _killed_during_step(gin_file, given, 5)
+  _assert_index(real, [2, 4])
+  result = _bin_train(gin_file, given)  # resumed mid-run from ckpt-4
+  assert result['outer_steps'] == _STEPS and result['outer_steps_this_run'] == 4
+  _assert_index(real, [4, 6, 8])
+  assert _bin_train(gin_file, given) is None  # a rerun of the finished run
+  _assert_index(real, [4, 6, 8])
+  best = tf.train.get_checkpoint_state(str(real / 'best'))
+  assert len(best.all_model_checkpoint_paths) == 1 and len(list((real / 'best').glob(
+      'ckpt-*.index'))) == 1
+  assert os.path.dirname(best.model_checkpoint_path) == str(real / 'best')
+
+
+def test_a_resume_from_inside_another_run_leaves_that_run_byte_identical(tmp_path, monkeypatch):
+  """Issue 29: `cd runs/victim && bin/train --train_dir=../k8` deleted runs/victim/ckpt-*."""
+  gin_file = _gin_file(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  _bin_train(gin_file, 'runs/victim')  # ckpt-4, 6, 8
+  _killed_during_step(gin_file, 'runs/k8', 7)  # ckpt-2, 4, 6: the victim's names
+  victim = tmp_path / 'runs' / 'victim'
+  before = _snapshot(victim)
+  monkeypatch.chdir(victim)
+  result = _bin_train(gin_file, '../k8', steps=_STEPS + 2)  # saves ckpt-8 and ckpt-10
+  assert result['outer_steps'] == _STEPS + 2 and result['outer_steps_this_run'] == 4
+  _assert_index(tmp_path / 'runs' / 'k8', [6, 8, 10])
+  assert _snapshot(victim) == before
+  monkeypatch.chdir(tmp_path)
+  assert _bin_train(gin_file, 'runs/victim') is None  # still a finished run of its own
+
+
+def test_a_rerun_after_a_kill_right_after_the_final_digest_keeps_the_measured_throughput(
+    tmp_path, monkeypatch):
+  gin_file = _gin_file(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  final = str(tmp_path / 'x' / f'ckpt-{_STEPS}')
+  with pytest.MonkeyPatch.context() as m:
+    _kill_at(m, checkpointing, 'write_digest', lambda prefix: 'after' if prefix == final else None)
+    with pytest.raises(_Kill):
+      _bin_train(gin_file, 'x')
+  with open(tmp_path / 'x' / loop.MEASURED) as f:
+    measured = json.load(f)
+  assert measured['samples_per_minute'] > 0 and measured['unrolled_steps_per_sec'] > 0
+  result = _bin_train(gin_file, 'x')
+  assert result['outer_steps'] == _STEPS and result['outer_steps_this_run'] == 0
+  with open(tmp_path / 'x' / loop.THROUGHPUT) as f:
+    written = json.load(f)
+  for key in ('samples_per_minute', 'unrolled_steps_per_sec'):
+    assert result[key] == written[key] == measured[key], key

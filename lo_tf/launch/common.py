@@ -16,6 +16,7 @@ from absl import logging
 import tensorflow as tf
 
 from lo_tf.errors import UserError
+from lo_tf.learned_optimizers import pretrained
 
 EXIT_USAGE = 2
 
@@ -35,6 +36,21 @@ def op_error_line(e):
   text = re.sub(r'\{\{function_node [^}]*\}\}', '', e.message or '')
   text = re.sub(r'\s*\[Op:[^\]]*\](\s*name:.*)?$', '', text.strip().split('\n')[0]).strip()
   return text or type(e).__name__
+
+
+def absolute_path(path):
+  """`path` made absolute, as every entry point does once with the directories it is given.
+
+  From there on every path has one form: a relative one would resolve differently once a path
+  is written relative to another directory (TensorFlow's checkpoint index does that) or read by
+  a process in another working directory (a cluster's tasks). None and '' stay as they are.
+  """
+  return os.path.abspath(path) if path else path
+
+
+def absolute_spec(spec):
+  """A `--checkpoint` spec (shipped name, train_dir or checkpoint path) with its path absolute."""
+  return spec if not spec or spec in pretrained.shipped_names() else absolute_path(spec)
 
 
 def _parse_flags(argv):

@@ -8,6 +8,7 @@ from lo_tf import config
 from lo_tf import io_utils
 from lo_tf import provenance
 from lo_tf.errors import UserError
+from lo_tf.launch import common
 from lo_tf.learned_optimizers import pretrained
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
@@ -96,6 +97,7 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
   pretrained.check_export_name(name, out_dir, overwrite)
   if isinstance(checkpoints_specs, str):
     checkpoints_specs = [checkpoints_specs]
+  checkpoints_specs = [common.absolute_path(spec) for spec in checkpoints_specs]
   candidates = [(spec,) + _candidate(spec) for spec in checkpoints_specs]
   if len(candidates) > 1 and any(score is None for *_, score in candidates):
     raise UserError('several --checkpoint values must all be finished train_dirs (their best θ '

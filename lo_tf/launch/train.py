@@ -14,6 +14,7 @@ from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import cluster as cluster_lib
+from lo_tf.launch import common
 from lo_tf.outer_trainers import distributed
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
@@ -27,7 +28,8 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
   and a resumed run's configuration is checked.
 
   Args:
-    gin_files, gin_bindings, train_dir, train_source, test_source, seed: bin/train's flags.
+    gin_files, gin_bindings, train_dir, train_source, test_source, seed: bin/train's flags
+      (train_dir is made absolute here, once).
     cluster: None (one process), 'local:N' (a loopback cluster of 1 parameter server and N
       workers, this process the chief) or 'tf_config' (this process is the task of $TF_CONFIG: a
       ps or worker task serves until stopped, the chief trains); see `lo_tf.launch.cluster`.
@@ -42,6 +44,7 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
       another configuration, or a parameter server lost mid-run (re-run the same command).
   """
   kind = cluster_lib.parse(cluster)
+  train_dir = common.absolute_path(train_dir)
   extra = []
   if train_source:
     extra.append(f'TaskDistribution.train_source = {train_source!r}')

@@ -55,6 +55,9 @@ THROUGHPUT = 'throughput.json'
 THETA_INIT = 'theta_init.json'
 OUTER_TRAINING_PNG = 'outer_training.png'
 META_EVAL_LOG = 'meta_eval.json'
+# The throughput measured up to the last checkpoint: a rerun that trains no step (a kill after
+# the final checkpoint) reports it instead of nothing.
+MEASURED = 'measured_throughput.json'
 
 
 # Passed by bin/train (--seed, --cluster) and by the studies: a gin binding of one is an error.
@@ -296,6 +299,9 @@ class OuterTrainer:
         # No checkpoint during a streak: the last one from before a blow-up stays.
         if ((step % self.checkpoint_every == 0 and not stall.steps) or
             step == self.num_outer_steps):
+          if timing['steps']:
+            io_utils.atomic_write_json(os.path.join(self.train_dir, MEASURED),
+                                       self._rates(timing))
           self.checkpoints.save(step)
         self.wall_seconds.assign_add(time.perf_counter() - t0)
         bar.set_postfix_str(f'L {stats["outer_loss"]:.3f} k {stats["unroll_length"]:.0f} '
@@ -306,6 +312,22 @@ class OuterTrainer:
     finally:  # an error message then starts on a line of its own
       bar.close()
       self.summaries.flush()
+
+  def _rates(self, timing):
+    """The throughput of the timed steps: unrolled inner steps per second, samples per minute."""
+    return {'unrolled_steps_per_sec': timing['unrolled'] / timing['seconds'],
+            'samples_per_minute': 60.0 * self.num_slots * timing['steps'] / timing['seconds']}
+
+  def _read_measured(self):
+    """The rates measured up to the last checkpoint by an earlier process, or {} (none timed)."""
+    path = os.path.join(self.train_dir, MEASURED)
+    if not os.path.exists(path):
+      return {}
+    try:
+      saved = io_utils.read_json(path, dict, 'measured throughput')
+    except UserError:  # damaged: the rates are then unknown, nothing else depends on them
+      return {}
+    return {k: saved.get(k) for k in ('unrolled_steps_per_sec', 'samples_per_minute')}
 
   def _write_outputs(self, first, log, timing, run_start):
     """throughput.json and outer_training.png; returns the throughput record."""
@@ -319,10 +341,7 @@ class OuterTrainer:
               'meta_eval_last': log[steps[-1]] if steps else None,
               'best_meta_eval_score': float(self.best_score),
               'implementation': getattr(self.family, 'implementation', None)}
-    if timing['steps']:
-      result.update(unrolled_steps_per_sec=timing['unrolled'] / timing['seconds'],
-                    samples_per_minute=60.0 * self.num_slots * timing['steps'] /
-                    timing['seconds'])
+    result.update(self._rates(timing) if timing['steps'] else self._read_measured())
     io_utils.atomic_write_json(os.path.join(self.train_dir, THROUGHPUT), result)
     plotting.outer_training(os.path.join(self.train_dir, 'summaries'),
                             os.path.join(self.train_dir, OUTER_TRAINING_PNG))
