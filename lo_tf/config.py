@@ -8,6 +8,7 @@ code, never a hand-kept list. `parse_gin` and `build` turn configuration errors 
 which a resumed run is checked against the one that wrote its train_dir.
 """
 
+import ast
 import functools
 import importlib
 import inspect
@@ -198,11 +199,40 @@ def default_text(binding):
   return repr(found.default)
 
 
+def _canonical(value):
+  """A Python value in a form where equal configurations compare equal: lists and tuples alike
+  (gin and JSON give either), numbers by value (1e-3 and 0.001), booleans apart from numbers."""
+  if isinstance(value, (list, tuple)):
+    return ('sequence', tuple(_canonical(v) for v in value))
+  if isinstance(value, dict):
+    return ('dict', tuple(sorted((repr(k), _canonical(v)) for k, v in value.items())))
+  if isinstance(value, bool):
+    return ('bool', value)
+  if isinstance(value, (int, float)):
+    return ('number', value)
+  return (type(value).__name__, value)
+
+
+def same_value(a, b):
+  """Whether two gin value texts give the same value (compared as Python literals where both are
+  ones, e.g. '[0.5, 0.9]' and '(0.5, 0.9)'; else as texts, e.g. '@ConvNet')."""
+  if a == b:
+    return True
+  if a is None or b is None:
+    return False
+  try:
+    return _canonical(ast.literal_eval(a)) == _canonical(ast.literal_eval(b))
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal
+    return False
+
+
 def config_differences(saved, current, ignore=()):
-  """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out."""
+  """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out.
+
+  Values are compared as values (`same_value`), not as texts."""
   return [(k, saved.get(k, '(unset)'), current.get(k, '(unset)'))
           for k in sorted(set(saved) | set(current))
-          if k not in ignore and saved.get(k) != current.get(k)]
+          if k not in ignore and not same_value(saved.get(k), current.get(k))]
 
 
 def describe_differences(differences, limit=4, width=40):

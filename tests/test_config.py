@@ -57,3 +57,12 @@ def test_a_renamed_binding_is_refused_with_its_new_name(binding, message):
       config.parse_gin([os.path.join(REPO, 'gin', 'quickstart.gin')], [binding])
   finally:
     gin.clear_config()
+
+
+@pytest.mark.parametrize('a, b, same', [
+    ('[0.5, 0.9]', '(0.5, 0.9)', True), ('0.001', '1e-3', True), ("'digits'", "'digits'", True),
+    ('@ConvNet', '@ConvNet', True), ('[0.5, 0.9]', '(0.5,)', False), ('True', '1', False),
+    ('@ConvNet', '@MLP', False), ('None', '0', False), ('(unset)', '[0.5]', False)])
+def test_configuration_values_are_compared_as_values(a, b, same):
+  assert config.same_value(a, b) is same
+  assert (config.config_differences({'X.y': a}, {'X.y': b}) == []) is same

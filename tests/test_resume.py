@@ -9,6 +9,7 @@ process would.
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -18,6 +19,7 @@ import pytest
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from conftest import one_line
 from lo_tf import checkpointing
 from lo_tf import plotting
 from lo_tf.errors import UserError
@@ -469,3 +471,51 @@ def test_a_rerun_after_a_kill_right_after_the_final_digest_keeps_the_measured_th
     written = json.load(f)
   for key in ('samples_per_minute', 'unrolled_steps_per_sec'):
     assert result[key] == written[key] == measured[key], key
+
+
+# ------------------------------------------------------------------ issue 29: resume compatibility
+
+
+@pytest.mark.parametrize('binding', ['MLPLOpt.decays', 'MLPLOpt.time_scales'])
+def test_a_recorded_configuration_without_a_sequence_default_resumes(uninterrupted, tmp_path,
+                                                                     binding):
+  """An old operative_config.gin lacks the binding: the default is compared as a value (the
+  recorded lists are tuples in the code)."""
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  path = copy / run_checkpoints.RUN_CONFIG
+  lines = path.read_text().splitlines(keepends=True)
+  assert any(l.startswith(binding + ' = [') for l in lines), lines
+  path.write_text(''.join(l for l in lines if not l.startswith(binding + ' ')))
+  assert _trainer(copy).train() is None  # resumed: finished, nothing to train
+  # A changed value is still a change, whatever its brackets.
+  path.write_text(''.join(l if not l.startswith(binding + ' ') else f'{binding} = (0.5,)\n'
+                          for l in lines))
+  with pytest.raises(UserError, match=re.escape(f'{binding} ((0.5,) vs [')):
+    _trainer(copy).train()
+
+
+def test_a_deleted_outer_learning_rate_line_cannot_change_the_rate(tmp_path):
+  train_dir = tmp_path / 'run'
+  _trainer(train_dir, steps=2, bindings=['OuterLearner.outer_learning_rate = 1e-3']).train()
+  path = train_dir / run_checkpoints.RUN_CONFIG
+  lines = path.read_text().splitlines(keepends=True)
+  path.write_text(''.join(l for l in lines if not l.startswith('OuterLearner.outer_learning_rate')))
+  with pytest.raises(UserError) as e:  # at the default: 3e-3 for L_train
+    _trainer(train_dir, steps=4).train()
+  assert 'different OuterLearner.outer_learning_rate (0.001 vs 0.003)' in one_line(e), str(e.value)
+
+
+def test_a_lopt_json_of_an_older_lo_tf_without_the_outer_learning_rate_resumes(uninterrupted,
+                                                                               tmp_path):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  with open(copy / run_checkpoints.LOPT_CONFIG) as f:
+    saved = json.load(f)
+  assert saved.pop('outer_learning_rate') == 3e-3
+  (copy / run_checkpoints.LOPT_CONFIG).write_text(json.dumps(saved))
+  assert _trainer(copy).train() is None
+  with pytest.raises(UserError, match=r'OuterLearner\.outer_learning_rate \(None vs 0\.01\)'):
+    _trainer(copy, bindings=['OuterLearner.outer_learning_rate = 1e-2']).train()

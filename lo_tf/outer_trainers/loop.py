@@ -135,6 +135,9 @@ class OuterTrainer:
                      'num_meta_params': self.family.num_meta_params,
                      'num_inner_params': experiment.problem.num_params,
                      'num_slots': num_slots, 'num_inner_steps': experiment.trainer.num_steps,
+                     # The rate in use (a default depends on the objective): a resume compares
+                     # it even where a damaged operative_config.gin lacks its binding.
+                     'outer_learning_rate': self.learner.learning_rate,
                      **self.sample_source.metadata()}
     trackables = dict(self.learner.trackables(), step=self.step, wall_seconds=self.wall_seconds,
                       best_score=self.best_score, **self.sample_source.trackables())

@@ -36,12 +36,18 @@ _METADATA_BINDINGS = {'lopt': 'MLPLOpt', 'objective': 'TruncatedStep.objective',
                       'num_inner_params': 'the inner problem (its parameter count)',
                       'num_slots': 'OuterTrainer.num_slots',
                       'num_inner_steps': 'InnerTrainer.num_steps',
-                      'sample_source': 'the sample source (--cluster)'}
+                      'sample_source': 'the sample source (--cluster)',
+                      'outer_learning_rate': 'OuterLearner.outer_learning_rate'}
+# Entries an older lo_tf did not write into lopt.json: where absent, operative_config.gin alone
+# (compared too) holds them.
+_ADDED_ENTRIES = ('outer_learning_rate',)
 
 
 def _metadata_difference(saved, current):
   """'<binding> (<saved> vs <current>)' of the first lopt.json entry that differs, or None."""
   for key in current:
+    if key in _ADDED_ENTRIES and key not in saved:
+      continue
     a, b = saved.get(key), current[key]
     if a == b:
       continue
@@ -139,7 +145,7 @@ class RunCheckpoints:
                                               ignore=RESUMABLE)
     # A parameter added to lo_tf after the run started, left at its default, changes nothing.
     differences = [(k, old, new) for k, old, new in differences
-                   if not (old == '(unset)' and new == config.default_text(k))]
+                   if not (old == '(unset)' and config.same_value(new, config.default_text(k)))]
     if differences:
       resumable = ', '.join(k.split('.', 1)[1] for k in RESUMABLE)
       raise UserError(f'--train_dir {self.train_dir} holds a run of another configuration (saved '
