@@ -300,9 +300,15 @@ def tidy_checkpoints(directory, restored, keep):
     for path in glob.glob(glob.escape(prefix) + '.index') + glob.glob(
         glob.escape(prefix) + '.data-*') + glob.glob(glob.escape(_digest_path(prefix))):
       os.remove(path)
-  if extra:
-    logging.info('%s: removed checkpoint(s) left by a kill: %s', directory,
-                 ', '.join(os.path.basename(p) for p in extra))
+  # What the index listed a manager with a larger max_to_keep kept (or a kill stopped it from
+  # sweeping); what it did not list a kill left between a save and its index update.
+  listed = {os.path.abspath(p) for p in state.all_model_checkpoint_paths} if state else set()
+  for why, removed in ((f'beyond the {keep} kept', [p for p in extra if p in listed]),
+                       ('left by a kill during a save (not in the index)',
+                        [p for p in extra if p not in listed])):
+    if removed:
+      logging.info('%s: removed checkpoint(s) %s: %s', directory, why,
+                   ', '.join(os.path.basename(p) for p in removed))
   if not os.path.exists(_digest_path(prefixes[-1])):
     write_digest(prefixes[-1])
   remove_stale_digests(directory)

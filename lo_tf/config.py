@@ -91,20 +91,35 @@ def _renamed_binding(message):
   """(old, new) of a `RENAMED` binding that gin's error `message` refuses, else None.
 
   Gin names an unknown configurable or parameter on the first line of its message and quotes the
-  binding (`[scope/][module.]Configurable.parameter = value`) on the last.
+  binding (`[scope/][module.]Configurable.parameter = value`) on the last; an unknown reference
+  (`@[scope/][module.]Configurable[()]`) it names on the first line alone.
   """
+  reference = re.match(r"No configurable matching reference '@(?:.*/)?([\w.]+?)(\(\))?'",
+                       message.strip())
+  if reference:
+    configurable = reference.group(1).rsplit('.', 1)[-1]
+    if configurable in RENAMED:
+      call = reference.group(2) or ''
+      return f'@{configurable}{call}', f'@{RENAMED[configurable]}{call}'
+    return None
   lines = message.strip().splitlines()
   if len(lines) < 2 or not re.match(r"(No configurable matching|Configurable '.*' doesn't have a "
                                     'parameter named)', lines[0]):
     return None
   key = lines[-1].split('=', 1)[0].strip().rsplit('/', 1)[-1]
   configurable, _, parameter = key.rpartition('.')
-  configurable = configurable.rsplit('.', 1)[-1]
-  old = f'{configurable}.{parameter}'
-  if old in RENAMED:
-    return old, RENAMED[old]
+  old = f'{configurable.rsplit(".", 1)[-1]}.{parameter}'
+  new = renamed_binding(old)
+  return (old, new) if new else None
+
+
+def renamed_binding(binding):
+  """The new name of a 'Configurable.parameter' binding that `RENAMED` renamed, else None."""
+  configurable, _, parameter = binding.rpartition('.')
+  if binding in RENAMED:
+    return RENAMED[binding]
   if configurable in RENAMED:
-    return old, f'{RENAMED[configurable]}.{parameter}'
+    return f'{RENAMED[configurable]}.{parameter}'
   return None
 
 

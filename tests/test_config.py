@@ -50,7 +50,12 @@ def test_a_constructor_passed_argument_cannot_be_bound():
      'MergedEstimator.estimator was renamed GradientEstimator.mode'),
     ('MergedEstimator.sigma = 0.2', 'MergedEstimator.sigma was renamed GradientEstimator.sigma'),
     ('a/OuterTrainer.num_workers = 8', 'OuterTrainer.num_workers was renamed'),
-    ('OuterTrainer.nope = 8', "doesn't have a parameter named 'nope'")])
+    ('OuterTrainer.nope = 8', "doesn't have a parameter named 'nope'"),
+    ('OuterTrainer.estimator = @MergedEstimator()',
+     '@MergedEstimator() was renamed @GradientEstimator()'),
+    ('OuterTrainer.estimator = @a/lo_tf.MergedEstimator',
+     '@MergedEstimator was renamed @GradientEstimator;'),
+    ('OuterTrainer.estimator = @Nope()', "No configurable matching reference '@Nope()'")])
 def test_a_renamed_binding_is_refused_with_its_new_name(binding, message):
   try:
     with pytest.raises(UserError, match=re.escape(message)):

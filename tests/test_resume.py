@@ -7,11 +7,14 @@ final outputs) abandons the trainer, and a fresh trainer resumes from what is on
 process would.
 """
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
 import sys
+import time
 
 import gin
 import numpy as np
@@ -21,6 +24,7 @@ from absl import logging as absl_logging
 
 from conftest import one_line
 from lo_tf import checkpointing
+from lo_tf import io_utils
 from lo_tf import plotting
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
@@ -267,6 +271,8 @@ def test_without_recorded_configuration_the_refusal_names_the_binding(uninterrup
 
 @pytest.mark.parametrize('binding', ['OuterLearner.outer_learning_rate = 1e38',
                                      'OuterLearner.outer_learning_rate = 1e-30',
+                                     'OuterLearner.outer_learning_rate = 0.0',
+                                     'OuterLearner.outer_learning_rate = -0.001',
                                      'GradientEstimator.sigma = 1e10'])
 def test_absurd_outer_learning_rates_and_sigmas_are_refused_up_front(tmp_path, binding):
   with pytest.raises(UserError) as e:
@@ -519,3 +525,103 @@ def test_a_lopt_json_of_an_older_lo_tf_without_the_outer_learning_rate_resumes(u
   assert _trainer(copy).train() is None
   with pytest.raises(UserError, match=r'OuterLearner\.outer_learning_rate \(None vs 0\.01\)'):
     _trainer(copy, bindings=['OuterLearner.outer_learning_rate = 1e-2']).train()
+
+
+# ------------------------------------------------------------------ issue 29: notes
+
+
+def test_an_old_train_dir_with_a_renamed_binding_says_so(uninterrupted, tmp_path):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  path = copy / run_checkpoints.RUN_CONFIG
+  text = path.read_text()
+  assert 'OuterTrainer.num_slots = 2\n' in text
+  path.write_text(text.replace('OuterTrainer.num_slots = 2\n', 'OuterTrainer.num_workers = 2\n'))
+  with open(copy / loop.THROUGHPUT) as f:
+    revision = json.load(f)['git_revision']
+  with pytest.raises(UserError) as e:
+    _trainer(copy).train()
+  message = one_line(e)
+  assert 'was started by an older lo_tf (OuterTrainer.num_workers was renamed ' in message
+  assert 'OuterTrainer.num_slots); resume it with the lo_tf revision that started it' in message
+  if revision != 'unknown':
+    assert f'(its throughput.json names {revision})' in message, message
+
+
+def test_every_checkpoint_counts_the_time_of_its_own_outer_step(tmp_path, monkeypatch):
+  """A warm start from best/ckpt-N took the source's time without step N's."""
+  batch = loop.LocalSamples.batch
+
+  def slow_batch(self, *args):
+    time.sleep(0.3)
+    return batch(self, *args)
+
+  monkeypatch.setattr(loop.LocalSamples, 'batch', slow_batch)
+  _trainer(tmp_path, steps=2, checkpoint_every=1, meta_eval_every=1).train()
+  prefixes = [str(tmp_path / 'ckpt-1'), str(tmp_path / 'ckpt-2'),
+              tf.train.latest_checkpoint(str(tmp_path / 'best'))]
+  for prefix in prefixes:
+    step = int(prefix.rsplit('-', 1)[1])
+    seconds = tf.train.load_checkpoint(prefix).get_tensor(checkpointing.WALL_SECONDS_KEY)
+    assert seconds >= 0.3 * step, (prefix, seconds)
+
+
+def test_export_of_a_warm_started_run_records_the_source_and_the_command(uninterrupted,
+                                                                         tmp_path):
+  source, _, _ = uninterrupted
+  command = 'bin/train --gin_file=run.gin --train_dir=warm'
+  warm = str(tmp_path / 'warm')
+  train.train_from_flags([_gin_file(tmp_path)], [
+      'OuterTrainer.num_outer_steps = 2', "ThetaInit.kind = 'checkpoint'",
+      f'ThetaInit.checkpoint = {str(source)!r}'], warm, command=command)
+  with open(os.path.join(warm, loop.THROUGHPUT)) as f:
+    assert json.load(f)['command'] == command
+  meta = json.load(open(export.export_from_flags(warm, 'w', '', out_dir=str(tmp_path / 'out'))))
+  assert meta['command'] == command and meta['outer_steps'] in (0, 1, 2)
+  assert meta['source_outer_steps'] == _STEPS and meta['theta_init']['source'] == str(source)
+  # A --command given to bin/export_optimizer is recorded instead.
+  meta = json.load(open(export.export_from_flags(warm, 'w2', 'given', out_dir=str(tmp_path /
+                                                                                  'out'))))
+  assert meta['command'] == 'given'
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, capfd):
+  def full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(os, 'fsync', full)
+  monkeypatch.setattr(sys, 'argv', ['bin/train'])
+  path = str(tmp_path / 'throughput.json')
+  verbosity = absl_logging.get_verbosity()
+  try:
+    with pytest.raises(SystemExit) as e:
+      common.run(lambda argv: io_utils.atomic_write_json(path, {'a': 1}))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  assert e.value.code == 2
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith('error:')]
+  assert lines == [f"error: cannot write '{path}': No space left on device; free space on that "
+                   'disk and re-run the same command'], lines
+  assert os.listdir(tmp_path) == []  # the temporary file is gone
+
+
+def test_a_resume_with_fewer_kept_checkpoints_does_not_blame_a_kill(uninterrupted, tmp_path,
+                                                                    caplog):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    assert _trainer(copy, keep_checkpoints=1).train() is None
+  removed = [r.getMessage() for r in caplog.records if 'removed checkpoint' in r.getMessage()]
+  assert removed == [f'{copy}: removed checkpoint(s) beyond the 1 kept: ckpt-6, ckpt-4'], removed
+  assert sorted(p.name for p in copy.glob('ckpt-*.index')) == ['ckpt-8.index']
+  # A checkpoint the index never listed was left by a kill.
+  for suffix in ('.index', '.data-00000-of-00001'):
+    shutil.copy(copy / f'ckpt-8{suffix}', copy / f'ckpt-2{suffix}')
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='absl'):
+    assert _trainer(copy, keep_checkpoints=1).train() is None
+  removed = [r.getMessage() for r in caplog.records if 'removed checkpoint' in r.getMessage()]
+  assert removed == [f'{copy}: removed checkpoint(s) left by a kill during a save (not in the '
+                     'index): ckpt-2'], removed

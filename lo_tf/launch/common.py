@@ -3,6 +3,7 @@
 Gin parsing and building are `lo_tf.config`'s.
 """
 
+import errno
 import logging as std_logging
 import os
 import re
@@ -92,6 +93,9 @@ def run(main):
       _fail(str(e).strip().splitlines()[0])
     except OSError as e:
       where = f' {e.filename!r}' if e.filename else ''
+      if e.errno == errno.ENOSPC:
+        _fail(f'cannot write{where}: {e.strerror}; free space on that disk and re-run the same '
+              'command')
       _fail(f'cannot access{where}: {e.strerror or e}; check the path and its permissions')
     except KeyboardInterrupt:
       _fail('interrupted (bin/train resumes from its last checkpoint when re-run)')

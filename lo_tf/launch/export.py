@@ -80,7 +80,8 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
       shipped (paper §4.3: "we use outer-training loss to select the best model"); every
       candidate's score is recorded.
     name: the shipped name ([a-z0-9_]+).
-    command: the outer-training command, recorded.
+    command: the outer-training command, recorded (default: the one the run's throughput.json
+      records).
     eval_results: optional results.json whose summary is recorded.
     git_revision: the revision that trained it (default: from the run's throughput.json).
     overwrite: replace a shipped optimizer of that name.
@@ -116,6 +117,14 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
                            'delete it (it is rewritten by the next bin/train run) and retry')
     meta.update(wall_seconds=t.get('wall_seconds_total') or t.get('wall_seconds_this_run'),
                 throughput=t)
+    meta['command'] = command or t.get('command') or ''
+  theta_init = os.path.join(directory, loop.THETA_INIT)
+  if os.path.exists(theta_init):
+    record = io_utils.read_json(theta_init, dict, 'θ-initialization record',
+                                'delete it (a warm start is then not recorded) and retry')
+    meta['theta_init'] = record
+    if record.get('kind') == 'checkpoint':  # outer_steps counts this run's steps only
+      meta['source_outer_steps'] = record.get('source_outer_steps')
   config = os.path.join(directory, 'config.gin')
   if os.path.exists(config):
     with open(config) as f:

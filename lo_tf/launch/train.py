@@ -21,7 +21,7 @@ from lo_tf.outer_trainers import run_checkpoints
 
 
 def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test_source=None,
-                     seed=0, cluster=None, intra_op_threads=0):
+                     seed=0, cluster=None, intra_op_threads=0, command=None):
   """Parses gin, builds the experiment and `OuterTrainer`, outer-trains, prints where things went.
 
   Nothing is written into train_dir before the configuration is built, the directory lock is held
@@ -35,6 +35,7 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
       ps or worker task serves until stopped, the chief trains); see `lo_tf.launch.cluster`.
     intra_op_threads: a ps or worker task's threads per op (0: TensorFlow's default; the tasks of
       local:N use 1).
+    command: bin/train's command line, recorded in throughput.json.
 
   Returns:
     The throughput record, or None (already trained, or a ps/worker task that was stopped).
@@ -53,13 +54,13 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
   config.parse_gin(gin_files, gin_bindings, extra)
   if kind is None:
     return _train(config.build(lambda: loop.OuterTrainer(build_experiment(), train_dir,
-                                                         seed=seed)), train_dir)
+                                                         seed=seed)), train_dir, command)
   if kind[0] == cluster_lib.TF_CONFIG:
     resolver = cluster_lib.tf_config_resolver()
     if resolver.task_type != 'chief':
       cluster_lib.serve(resolver, distributed.task_manifest(), intra_op_threads)
       return None
-    return _train_chief(resolver, cluster_lib.task_dir(), train_dir, seed)
+    return _train_chief(resolver, cluster_lib.task_dir(), train_dir, seed, command)
   # The tasks run the binary that started this process (bin/train), wherever lo_tf is installed.
   task = [sys.executable, os.path.abspath(sys.argv[0]), '--cluster=tf_config',
           '--intra_op_threads=1', f'--train_dir={train_dir}', f'--seed={seed}']
@@ -67,10 +68,10 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
   task += [f'--{name}={value}' for name, value in (('train_source', train_source),
                                                    ('test_source', test_source)) if value]
   with cluster_lib.LocalCluster(kind[1], task) as local:
-    return _train_chief(local.resolver, local.task_dir, train_dir, seed, local.connected)
+    return _train_chief(local.resolver, local.task_dir, train_dir, seed, command, local.connected)
 
 
-def _train_chief(resolver, task_dir, train_dir, seed, on_connected=None):
+def _train_chief(resolver, task_dir, train_dir, seed, command, on_connected=None):
   """The chief of a cluster: connects, checks the workers' configurations, outer-trains."""
   experiment = config.build(build_experiment)
   coordinator = cluster_lib.connect(resolver)
@@ -84,7 +85,7 @@ def _train_chief(resolver, task_dir, train_dir, seed, on_connected=None):
   trainer = config.build(lambda: loop.OuterTrainer(experiment, train_dir, seed=seed,
                                                    sample_source=source))
   try:
-    return _train(trainer, train_dir)
+    return _train(trainer, train_dir, command)
   except tf.errors.UnavailableError as e:
     # ClusterCoordinator retries a worker's closures elsewhere; what reaches us is a lost
     # parameter server, whose variables are gone.
@@ -94,9 +95,9 @@ def _train_chief(resolver, task_dir, train_dir, seed, on_connected=None):
                     'checkpoint') from None
 
 
-def _train(trainer, train_dir):
+def _train(trainer, train_dir, command):
   with io_utils.remove_created_dirs_on_error(train_dir):  # a refused run leaves no empty dir
-    result = trainer.train(config_str=gin.config_str())
+    result = trainer.train(config_str=gin.config_str(), command=command)
   if result is None:
     print(f'{train_dir} is already trained for {trainer.num_outer_steps} outer steps; raise '
           'OuterTrainer.num_outer_steps to train on')

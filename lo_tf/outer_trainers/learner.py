@@ -9,7 +9,6 @@ non-finite θ never exists, so none is ever checkpointed.
 
 import gin
 import keras
-import numpy as np
 import tensorflow as tf
 
 from lo_tf.errors import check_number
@@ -39,13 +38,14 @@ class OuterLearner:
   def __init__(self, initial_theta, merge, objective='train', outer_learning_rate=None, beta_1=0.5,
                clip_value=0.1):
     if outer_learning_rate is not None:
-      check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate, 0.0,
-                   float(np.finfo(np.float32).max), low_open=True)
+      # Its range is refused (and warned about) by `monitoring.check_sane`, with the sane range.
+      check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate)
     if clip_value is not None:
       check_number('OuterLearner', 'clip_value', clip_value, 0.0, low_open=True)
     check_number('OuterLearner', 'beta_1', beta_1, 0.0, 1.0, high_open=True)
     self.merge, self.clip_value = merge, clip_value
-    self.learning_rate = float(outer_learning_rate or DEFAULT_OUTER_LEARNING_RATE[objective])
+    self.learning_rate = float(DEFAULT_OUTER_LEARNING_RATE[objective]
+                               if outer_learning_rate is None else outer_learning_rate)
     self.theta = tf.Variable(initial_theta, name='theta')
     self.optimizer = keras.optimizers.Adam(learning_rate=self.learning_rate, beta_1=beta_1)
     self.optimizer.build([self.theta])

@@ -148,6 +148,8 @@ class OuterTrainer:
     self.checkpoints = RunCheckpoints(train_dir, trackables, self.metadata, keep_checkpoints,
                                       self.run_config)
     self.summaries = None
+    self._counted_until = None  # the moment up to which wall_seconds counts, within a step
+    self._command = None
     monitoring.check_sane(self.learner.learning_rate, self.estimator.sigma)
 
   @property
@@ -187,8 +189,17 @@ class OuterTrainer:
                  '  '.join(f'{k} {v:.4f}' for k, v in result.items()))
     if result['selection_score'] < float(self.best_score):
       self.best_score.assign(result['selection_score'])
+      self._count_time()
       self.checkpoints.save_best(step)
     return result
+
+  def _count_time(self):
+    """Adds the time of the current outer step so far to wall_seconds (a save then records the
+    outer-training time up to and including its step; outside the steps, nothing is counted)."""
+    if self._counted_until is not None:
+      now = time.perf_counter()
+      self.wall_seconds.assign_add(now - self._counted_until)
+      self._counted_until = now
 
   def _meta_eval_due(self, step):
     return step % self.meta_eval_every == 0 or step == self.num_outer_steps
@@ -213,7 +224,7 @@ class OuterTrainer:
     except UserError:  # damaged: rewrite it
       return False
 
-  def train(self, config_str=None):
+  def train(self, config_str=None, command=None):
     """Outer-trains up to `num_outer_steps`, resuming from train_dir. Returns the throughput dict.
 
     A rerun of a finished run whose final outputs are missing (a kill or a full disk after the
@@ -222,6 +233,8 @@ class OuterTrainer:
     Args:
       config_str: the gin configuration text, saved as train_dir/config.gin once the lock is held
         and the checkpoint (if any) matched this configuration.
+      command: the command line that runs this (bin/train's), recorded in throughput.json
+        (`bin/export_optimizer` ships it).
 
     Returns:
       The throughput record also written to throughput.json, or None when the run had already
@@ -241,6 +254,7 @@ class OuterTrainer:
       if config_str is not None:
         io_utils.atomic_write_bytes(os.path.join(self.train_dir, 'config.gin'),
                                     config_str.encode())
+      self._command = command
       return self._train(fresh=restored is None)
 
   def _initialize_theta(self):
@@ -286,7 +300,7 @@ class OuterTrainer:
                     file=sys.stderr, mininterval=5.0, dynamic_ncols=True)
     try:
       while int(self.step) < self.num_outer_steps:
-        t0 = time.perf_counter()
+        t0 = self._counted_until = time.perf_counter()
         before = self.theta.numpy()
         stats = self.outer_step()
         seconds = time.perf_counter() - t0
@@ -305,14 +319,16 @@ class OuterTrainer:
           if timing['steps']:
             io_utils.atomic_write_json(os.path.join(self.train_dir, MEASURED),
                                        self._rates(timing))
+          self._count_time()
           self.checkpoints.save(step)
-        self.wall_seconds.assign_add(time.perf_counter() - t0)
+        self._count_time()
         bar.set_postfix_str(f'L {stats["outer_loss"]:.3f} k {stats["unroll_length"]:.0f} '
                             f'rp-weight {stats["rp_weight"]:.2f} '
                             f'{timing["unrolled"] / max(timing["seconds"], 1e-9):.0f} unrolled '
                             'steps/s', refresh=False)
         bar.update(1)
     finally:  # an error message then starts on a line of its own
+      self._counted_until = None
       bar.close()
       self.summaries.flush()
 
@@ -343,7 +359,8 @@ class OuterTrainer:
               'meta_eval_first': log[steps[0]] if steps else None,
               'meta_eval_last': log[steps[-1]] if steps else None,
               'best_meta_eval_score': float(self.best_score),
-              'implementation': getattr(self.family, 'implementation', None)}
+              'implementation': getattr(self.family, 'implementation', None),
+              'command': self._command}
     result.update(self._rates(timing) if timing['steps'] else self._read_measured())
     io_utils.atomic_write_json(os.path.join(self.train_dir, THROUGHPUT), result)
     plotting.outer_training(os.path.join(self.train_dir, 'summaries'),

@@ -146,11 +146,28 @@ class RunCheckpoints:
     # A parameter added to lo_tf after the run started, left at its default, changes nothing.
     differences = [(k, old, new) for k, old, new in differences
                    if not (old == '(unset)' and config.same_value(new, config.default_text(k)))]
+    renamed = [(k, config.renamed_binding(k)) for k, old, _ in differences
+               if old != '(unset)' and config.renamed_binding(k)]
+    if renamed:
+      names = ', '.join(f'{old} was renamed {new}' for old, new in renamed)
+      raise UserError(f'--train_dir {self.train_dir} was started by an older lo_tf ({names}); '
+                      f'resume it with the lo_tf revision that started it{self._revision()}, or '
+                      'use a fresh --train_dir')
     if differences:
       resumable = ', '.join(k.split('.', 1)[1] for k in RESUMABLE)
       raise UserError(f'--train_dir {self.train_dir} holds a run of another configuration (saved '
                       f'vs now): {config.describe_differences(differences)}; use the same configuration '
                       f'or a fresh --train_dir (only OuterTrainer.{{{resumable}}} may change)')
+
+  def _revision(self):
+    """' (throughput.json names REV)': the lo_tf revision the run last ran with, or ''."""
+    # throughput.json is loop.THROUGHPUT (the loop imports this module, not the reverse).
+    path = os.path.join(self.train_dir, 'throughput.json')
+    try:
+      revision = io_utils.read_json(path, dict, 'throughput record').get('git_revision')
+    except UserError:  # missing or damaged: the message names no revision
+      return ''
+    return f' (its throughput.json names {revision})' if revision not in (None, 'unknown') else ''
 
   def write_metadata(self):
     """Writes lopt.json into the run and best directories and the operative configuration into
