@@ -68,11 +68,15 @@ def train_from_flags(gin_files, gin_bindings, train_dir, train_source=None, test
   task += [f'--{name}={value}' for name, value in (('train_source', train_source),
                                                    ('test_source', test_source)) if value]
   with cluster_lib.LocalCluster(kind[1], task) as local:
-    return _train_chief(local.resolver, local.task_dir, train_dir, seed, command, local.connected)
+    return _train_chief(local.resolver, local.task_dir, train_dir, seed, command, local.connected,
+                        local.lost_workers)
 
 
-def _train_chief(resolver, task_dir, train_dir, seed, command, on_connected=None):
-  """The chief of a cluster: connects, checks the workers' configurations, outer-trains."""
+def _train_chief(resolver, task_dir, train_dir, seed, command, on_connected=None,
+                 lost_workers=None):
+  """The chief of a cluster: connects, checks the workers' configurations, outer-trains.
+
+  `lost_workers` (a local cluster's) lets it stop once no worker is left rather than wait."""
   experiment = config.build(build_experiment)
   coordinator = cluster_lib.connect(resolver)
   if on_connected:
@@ -81,18 +85,31 @@ def _train_chief(resolver, task_dir, train_dir, seed, command, on_connected=None
   paths = distributed.worker_manifest_paths(resolver.cluster_spec(), task_dir)
   distributed.check_workers(paths, manifest)
   source = functools.partial(distributed.ClusterSamples, coordinator, manifest=manifest,
-                             manifest_paths=paths, cluster_workers=len(paths))
+                             manifest_paths=paths, cluster_workers=len(paths),
+                             lost_workers=lost_workers)
   trainer = config.build(lambda: loop.OuterTrainer(experiment, train_dir, seed=seed,
                                                    sample_source=source))
   try:
     return _train(trainer, train_dir, command)
-  except tf.errors.UnavailableError as e:
-    # ClusterCoordinator retries a worker's closures elsewhere; what reaches us is a lost
-    # parameter server, whose variables are gone.
+  except tf.errors.OpError as e:
+    # ClusterCoordinator retries a worker's closures elsewhere; an UnavailableError that reaches
+    # us is a lost parameter server, whose variables are gone. Lost together with a worker, it
+    # can surface as another error (an invalid device of a resource), so that is probed.
+    if not isinstance(e, tf.errors.UnavailableError) and _answers(trainer.theta):
+      raise
     servers = ', '.join(resolver.cluster_spec().job_tasks('ps'))
     raise UserError(f'lost the parameter server {servers} ({type(e).__name__}); restart the '
                     'cluster and re-run the same command: training resumes from the last '
                     'checkpoint') from None
+
+
+def _answers(variable):
+  """Whether the parameter server holding `variable` still answers a read."""
+  try:
+    variable.read_value()
+    return True
+  except tf.errors.OpError:
+    return False
 
 
 def _train(trainer, train_dir, command):
