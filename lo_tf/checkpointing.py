@@ -250,7 +250,13 @@ def _problems(skipped, index_problem):
 
 
 def _write_index(directory, latest, prefixes):
-  """Writes `directory`'s `checkpoint` index: `prefixes` (oldest first), `latest` the latest."""
+  """Writes `directory`'s `checkpoint` index: `prefixes` (oldest first), `latest` the latest.
+
+  The entries are the bare names `ckpt-N`, relative to `directory` itself: TensorFlow rewrites
+  entries relative to a relative `directory` into paths relative to the working directory
+  ('../../ckpt-6'), which then resolve to another directory's files.
+  """
+  directory = os.path.abspath(directory)
   # The manager deletes only checkpoints with a timestamp after last_preserved_timestamp.
   stamps = [os.path.getmtime(p + '.index') if os.path.exists(p + '.index') else time.time()
             for p in prefixes]
@@ -276,24 +282,35 @@ def tidy_checkpoints(directory, restored, keep):
   Returns:
     The removed prefixes, newest first.
   """
-  kept, extra = list(restored.older[:keep - 1]), list(restored.older[keep - 1:])
-  prefixes = list(reversed(kept)) + [restored.prefix]
+  directory = os.path.abspath(directory)
+  # Every path in one form: the checkpoint's name inside `directory`, made absolute. So nothing
+  # outside `directory` is deleted, and a listed path that leads elsewhere counts as a difference.
+  inside = lambda prefix: os.path.join(directory, os.path.basename(prefix))
+  kept = [inside(p) for p in restored.older[:keep - 1]]
+  extra = [inside(p) for p in restored.older[keep - 1:]]
+  prefixes = list(reversed(kept)) + [inside(restored.prefix)]
   try:
     state = tf.train.get_checkpoint_state(directory)
   except (UnicodeDecodeError, ValueError):
     state = None
-  if (state is None or state.model_checkpoint_path != restored.prefix or
-      list(state.all_model_checkpoint_paths) != prefixes):
-    _write_index(directory, restored.prefix, prefixes)
+  if (state is None or os.path.abspath(state.model_checkpoint_path) != prefixes[-1] or
+      [os.path.abspath(p) for p in state.all_model_checkpoint_paths] != prefixes):
+    _write_index(directory, prefixes[-1], prefixes)
   for prefix in extra:
     for path in glob.glob(glob.escape(prefix) + '.index') + glob.glob(
         glob.escape(prefix) + '.data-*') + glob.glob(glob.escape(_digest_path(prefix))):
       os.remove(path)
-  if extra:
-    logging.info('%s: removed checkpoint(s) left by a kill: %s', directory,
-                 ', '.join(os.path.basename(p) for p in extra))
-  if not os.path.exists(_digest_path(restored.prefix)):
-    write_digest(restored.prefix)
+  # What the index listed a manager with a larger max_to_keep kept (or a kill stopped it from
+  # sweeping); what it did not list a kill left between a save and its index update.
+  listed = {os.path.abspath(p) for p in state.all_model_checkpoint_paths} if state else set()
+  for why, removed in ((f'beyond the {keep} kept', [p for p in extra if p in listed]),
+                       ('left by a kill during a save (not in the index)',
+                        [p for p in extra if p not in listed])):
+    if removed:
+      logging.info('%s: removed checkpoint(s) %s: %s', directory, why,
+                   ', '.join(os.path.basename(p) for p in removed))
+  if not os.path.exists(_digest_path(prefixes[-1])):
+    write_digest(prefixes[-1])
   remove_stale_digests(directory)
   return extra
 

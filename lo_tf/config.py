@@ -8,6 +8,7 @@ code, never a hand-kept list. `parse_gin` and `build` turn configuration errors 
 which a resumed run is checked against the one that wrote its train_dir.
 """
 
+import ast
 import functools
 import importlib
 import inspect
@@ -90,20 +91,35 @@ def _renamed_binding(message):
   """(old, new) of a `RENAMED` binding that gin's error `message` refuses, else None.
 
   Gin names an unknown configurable or parameter on the first line of its message and quotes the
-  binding (`[scope/][module.]Configurable.parameter = value`) on the last.
+  binding (`[scope/][module.]Configurable.parameter = value`) on the last; an unknown reference
+  (`@[scope/][module.]Configurable[()]`) it names on the first line alone.
   """
+  reference = re.match(r"No configurable matching reference '@(?:.*/)?([\w.]+?)(\(\))?'",
+                       message.strip())
+  if reference:
+    configurable = reference.group(1).rsplit('.', 1)[-1]
+    if configurable in RENAMED:
+      call = reference.group(2) or ''
+      return f'@{configurable}{call}', f'@{RENAMED[configurable]}{call}'
+    return None
   lines = message.strip().splitlines()
   if len(lines) < 2 or not re.match(r"(No configurable matching|Configurable '.*' doesn't have a "
                                     'parameter named)', lines[0]):
     return None
   key = lines[-1].split('=', 1)[0].strip().rsplit('/', 1)[-1]
   configurable, _, parameter = key.rpartition('.')
-  configurable = configurable.rsplit('.', 1)[-1]
-  old = f'{configurable}.{parameter}'
-  if old in RENAMED:
-    return old, RENAMED[old]
+  old = f'{configurable.rsplit(".", 1)[-1]}.{parameter}'
+  new = renamed_binding(old)
+  return (old, new) if new else None
+
+
+def renamed_binding(binding):
+  """The new name of a 'Configurable.parameter' binding that `RENAMED` renamed, else None."""
+  configurable, _, parameter = binding.rpartition('.')
+  if binding in RENAMED:
+    return RENAMED[binding]
   if configurable in RENAMED:
-    return old, f'{RENAMED[configurable]}.{parameter}'
+    return f'{RENAMED[configurable]}.{parameter}'
   return None
 
 
@@ -198,11 +214,40 @@ def default_text(binding):
   return repr(found.default)
 
 
+def _canonical(value):
+  """A Python value in a form where equal configurations compare equal: lists and tuples alike
+  (gin and JSON give either), numbers by value (1e-3 and 0.001), booleans apart from numbers."""
+  if isinstance(value, (list, tuple)):
+    return ('sequence', tuple(_canonical(v) for v in value))
+  if isinstance(value, dict):
+    return ('dict', tuple(sorted((repr(k), _canonical(v)) for k, v in value.items())))
+  if isinstance(value, bool):
+    return ('bool', value)
+  if isinstance(value, (int, float)):
+    return ('number', value)
+  return (type(value).__name__, value)
+
+
+def same_value(a, b):
+  """Whether two gin value texts give the same value (compared as Python literals where both are
+  ones, e.g. '[0.5, 0.9]' and '(0.5, 0.9)'; else as texts, e.g. '@ConvNet')."""
+  if a == b:
+    return True
+  if a is None or b is None:
+    return False
+  try:
+    return _canonical(ast.literal_eval(a)) == _canonical(ast.literal_eval(b))
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # not a literal
+    return False
+
+
 def config_differences(saved, current, ignore=()):
-  """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out."""
+  """[(binding, saved value, current value)] of two `parse_bindings` dicts, `ignore` left out.
+
+  Values are compared as values (`same_value`), not as texts."""
   return [(k, saved.get(k, '(unset)'), current.get(k, '(unset)'))
           for k in sorted(set(saved) | set(current))
-          if k not in ignore and saved.get(k) != current.get(k)]
+          if k not in ignore and not same_value(saved.get(k), current.get(k))]
 
 
 def describe_differences(differences, limit=4, width=40):

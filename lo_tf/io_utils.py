@@ -77,9 +77,11 @@ def atomic_write_bytes(path, data):
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and e.filename is None:  # a failed write names no file
+      e.filename = path
     raise
 
 

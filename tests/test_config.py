@@ -50,10 +50,24 @@ def test_a_constructor_passed_argument_cannot_be_bound():
      'MergedEstimator.estimator was renamed GradientEstimator.mode'),
     ('MergedEstimator.sigma = 0.2', 'MergedEstimator.sigma was renamed GradientEstimator.sigma'),
     ('a/OuterTrainer.num_workers = 8', 'OuterTrainer.num_workers was renamed'),
-    ('OuterTrainer.nope = 8', "doesn't have a parameter named 'nope'")])
+    ('OuterTrainer.nope = 8', "doesn't have a parameter named 'nope'"),
+    ('OuterTrainer.estimator = @MergedEstimator()',
+     '@MergedEstimator() was renamed @GradientEstimator()'),
+    ('OuterTrainer.estimator = @a/lo_tf.MergedEstimator',
+     '@MergedEstimator was renamed @GradientEstimator;'),
+    ('OuterTrainer.estimator = @Nope()', "No configurable matching reference '@Nope()'")])
 def test_a_renamed_binding_is_refused_with_its_new_name(binding, message):
   try:
     with pytest.raises(UserError, match=re.escape(message)):
       config.parse_gin([os.path.join(REPO, 'gin', 'quickstart.gin')], [binding])
   finally:
     gin.clear_config()
+
+
+@pytest.mark.parametrize('a, b, same', [
+    ('[0.5, 0.9]', '(0.5, 0.9)', True), ('0.001', '1e-3', True), ("'digits'", "'digits'", True),
+    ('@ConvNet', '@ConvNet', True), ('[0.5, 0.9]', '(0.5,)', False), ('True', '1', False),
+    ('@ConvNet', '@MLP', False), ('None', '0', False), ('(unset)', '[0.5]', False)])
+def test_configuration_values_are_compared_as_values(a, b, same):
+  assert config.same_value(a, b) is same
+  assert (config.config_differences({'X.y': a}, {'X.y': b}) == []) is same

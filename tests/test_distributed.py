@@ -330,6 +330,52 @@ def test_a_killed_worker_loses_only_its_in_flight_truncation(tmp_path):
   assert np.all(np.isfinite(_theta(train_dir, 10)))
 
 
+_SLOW_STEPS = ['InnerTrainer.num_steps=100', 'Curriculum.start=50', 'Curriculum.end=50']
+
+
+@pytest.mark.slow  # minutes on 2 cores: run with pytest -m slow tests
+def test_losing_every_worker_stops_the_chief_naming_them(tmp_path):
+  """Issue 29: local:2, kill -9 worker 0 after ckpt-2 and worker 1 after ckpt-4; the chief hung.
+  Now: exit 2 within seconds with one line naming both, and the same command resumes."""
+  train_dir = tmp_path / 'run'
+  command = _command(train_dir, 20, 'local:2', _SLOW_STEPS)
+  killed = {}
+
+  def kill_both(chief, tasks):
+    os.kill(tasks['worker0'], signal.SIGKILL)
+    _wait_for(lambda: os.path.exists(f'{train_dir}/ckpt-4.index'), chief, 'ckpt-4')
+    os.kill(tasks['worker1'], signal.SIGKILL)
+    killed['at'] = time.monotonic()
+
+  status, stderr = _run(command, train_dir, 2, kill_both, tasks_expected=3)
+  assert status == 2, stderr[-3000:]
+  assert time.monotonic() - killed['at'] < 60, 'the chief waited for a worker'
+  line = _error_line(stderr)
+  assert line.startswith('error: lost every worker of the cluster (worker 0 (pid '), line
+  assert 'worker 1 (pid ' in line and line.count('exited with status -9') == 2, line
+  assert 'Traceback' not in stderr and 'no worker is left: the chief stops' in stderr
+  status, stderr = _run(command, train_dir, tasks_expected=3)
+  assert status == 0, stderr[-3000:]
+  assert 'resumed from' in stderr and _newest(train_dir) == 20
+
+
+@pytest.mark.slow  # minutes on 2 cores: run with pytest -m slow tests
+def test_a_worker_and_the_parameter_server_lost_together_name_the_parameter_server(tmp_path):
+  """Issue 29: the error line blamed the disk ('... contains an invalid device')."""
+  train_dir = tmp_path / 'run'
+  command = _command(train_dir, 20, 'local:2', _SLOW_STEPS)
+
+  def kill_two(chief, tasks):
+    os.kill(tasks['worker1'], signal.SIGKILL)
+    os.kill(tasks['ps0'], signal.SIGKILL)
+
+  status, stderr = _run(command, train_dir, 2, kill_two, tasks_expected=3)
+  assert status == 2, stderr[-3000:]
+  assert _error_line(stderr).startswith('error: lost the parameter server 127.0.0.1:'), (
+      stderr[-3000:])
+  assert 'disk is not full' not in stderr and 'Traceback' not in stderr
+
+
 def test_sigterm_stops_the_chief_and_every_task(tmp_path):
   """SIGTERM to the chief as soon as its tasks run: exit 2 with one line, no task left."""
   train_dir = tmp_path / 'run'

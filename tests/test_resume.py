@@ -7,10 +7,14 @@ final outputs) abandons the trainer, and a fresh trainer resumes from what is on
 process would.
 """
 
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import sys
+import time
 
 import gin
 import numpy as np
@@ -18,12 +22,15 @@ import pytest
 import tensorflow as tf
 from absl import logging as absl_logging
 
+from conftest import one_line
 from lo_tf import checkpointing
+from lo_tf import io_utils
 from lo_tf import plotting
 from lo_tf.errors import UserError
 from lo_tf.experiment import build_experiment
 from lo_tf.launch import common
 from lo_tf.launch import export
+from lo_tf.launch import train
 from lo_tf.learned_optimizers.mlp_lopt import MLPLOpt
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
@@ -264,6 +271,8 @@ def test_without_recorded_configuration_the_refusal_names_the_binding(uninterrup
 
 @pytest.mark.parametrize('binding', ['OuterLearner.outer_learning_rate = 1e38',
                                      'OuterLearner.outer_learning_rate = 1e-30',
+                                     'OuterLearner.outer_learning_rate = 0.0',
+                                     'OuterLearner.outer_learning_rate = -0.001',
                                      'GradientEstimator.sigma = 1e10'])
 def test_absurd_outer_learning_rates_and_sigmas_are_refused_up_front(tmp_path, binding):
   with pytest.raises(UserError) as e:
@@ -359,3 +368,260 @@ def test_a_full_disk_mid_run_is_a_clean_error_line(tmp_path, monkeypatch, capfd)
       '3374350367; No space left on device; check that the paths exist and are writable and '
       'that the disk is not full'), errors
   assert '{{function_node' not in err and '[Op:' not in err
+
+
+# ------------------------------------------------------------------ issue 29: the train_dir's form
+
+
+def _gin_file(tmp_path):
+  """The tests' configuration as a gin file for bin/train's code path (`train_from_flags`)."""
+  path = tmp_path / 'run.gin'
+  path.write_text('\n'.join(_CONFIG + [f'OuterTrainer.{k} = {v}' for k, v in _LOOP.items()] +
+                            ["MLPLOpt.implementation = 'reference'"]) + '\n')
+  return str(path)
+
+
+def _bin_train(gin_file, train_dir, steps=_STEPS):
+  return train.train_from_flags([gin_file], [f'OuterTrainer.num_outer_steps = {steps}'],
+                                train_dir)
+
+
+def _killed_during_step(gin_file, train_dir, step, steps=_STEPS):
+  """bin/train killed during outer step `step` (after the checkpoint before it)."""
+  calls = {'batch': 0}
+
+  def during(*_):
+    calls['batch'] += 1
+    return 'before' if calls['batch'] == step else None
+
+  with pytest.MonkeyPatch.context() as m:
+    _kill_at(m, loop.LocalSamples, 'batch', during)
+    with pytest.raises(_Kill):
+      _bin_train(gin_file, train_dir, steps)
+
+
+def _assert_index(directory, steps):
+  """`directory`'s index lists ckpt-N of `steps` (oldest first) by bare name, and exactly those
+  checkpoints are on disk."""
+  lines = (directory / 'checkpoint').read_text().splitlines()
+  assert lines[0] == f'model_checkpoint_path: "ckpt-{steps[-1]}"', lines
+  assert [l.split('"')[1] for l in lines if l.startswith('all_model_checkpoint_paths')] == [
+      f'ckpt-{s}' for s in steps], lines
+  assert tf.train.latest_checkpoint(str(directory)) == str(directory / f'ckpt-{steps[-1]}')
+  assert sorted(p.name for p in directory.glob('ckpt-*.index')) == sorted(
+      f'ckpt-{s}.index' for s in steps)
+
+
+def _snapshot(directory):
+  return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob('*')
+          if p.is_file()}
+
+
+@pytest.mark.parametrize('form', ['relative', 'absolute', 'dot_prefixed', 'symlink'])
+def test_the_index_names_the_train_dirs_own_checkpoints_after_a_resume_and_a_rerun(
+    tmp_path, monkeypatch, form):
+  """Issue 29: with --train_dir=runs/x the rewritten index read "../../ckpt-6"."""
+  gin_file = _gin_file(tmp_path)
+  real = tmp_path / 'runs' / 'x'
+  real.mkdir(parents=True)
+  if form == 'symlink':
+    os.symlink(real, tmp_path / 'link')
+  given = {'relative': 'runs/x', 'absolute': str(real), 'dot_prefixed': './runs/x',
+           'symlink': 'link'}[form]
+  monkeypatch.chdir(tmp_path)
+  _killed_during_step(gin_file, given, 5)
+  _assert_index(real, [2, 4])
+  result = _bin_train(gin_file, given)  # resumed mid-run from ckpt-4
+  assert result['outer_steps'] == _STEPS and result['outer_steps_this_run'] == 4
+  _assert_index(real, [4, 6, 8])
+  assert _bin_train(gin_file, given) is None  # a rerun of the finished run
+  _assert_index(real, [4, 6, 8])
+  best = tf.train.get_checkpoint_state(str(real / 'best'))
+  assert len(best.all_model_checkpoint_paths) == 1 and len(list((real / 'best').glob(
+      'ckpt-*.index'))) == 1
+  assert os.path.dirname(best.model_checkpoint_path) == str(real / 'best')
+
+
+def test_a_resume_from_inside_another_run_leaves_that_run_byte_identical(tmp_path, monkeypatch):
+  """Issue 29: `cd runs/victim && bin/train --train_dir=../k8` deleted runs/victim/ckpt-*."""
+  gin_file = _gin_file(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  _bin_train(gin_file, 'runs/victim')  # ckpt-4, 6, 8
+  _killed_during_step(gin_file, 'runs/k8', 7)  # ckpt-2, 4, 6: the victim's names
+  victim = tmp_path / 'runs' / 'victim'
+  before = _snapshot(victim)
+  monkeypatch.chdir(victim)
+  result = _bin_train(gin_file, '../k8', steps=_STEPS + 2)  # saves ckpt-8 and ckpt-10
+  assert result['outer_steps'] == _STEPS + 2 and result['outer_steps_this_run'] == 4
+  _assert_index(tmp_path / 'runs' / 'k8', [6, 8, 10])
+  assert _snapshot(victim) == before
+  monkeypatch.chdir(tmp_path)
+  assert _bin_train(gin_file, 'runs/victim') is None  # still a finished run of its own
+
+
+def test_a_rerun_after_a_kill_right_after_the_final_digest_keeps_the_measured_throughput(
+    tmp_path, monkeypatch):
+  gin_file = _gin_file(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  final = str(tmp_path / 'x' / f'ckpt-{_STEPS}')
+  with pytest.MonkeyPatch.context() as m:
+    _kill_at(m, checkpointing, 'write_digest', lambda prefix: 'after' if prefix == final else None)
+    with pytest.raises(_Kill):
+      _bin_train(gin_file, 'x')
+  with open(tmp_path / 'x' / loop.MEASURED) as f:
+    measured = json.load(f)
+  assert measured['samples_per_minute'] > 0 and measured['unrolled_steps_per_sec'] > 0
+  result = _bin_train(gin_file, 'x')
+  assert result['outer_steps'] == _STEPS and result['outer_steps_this_run'] == 0
+  with open(tmp_path / 'x' / loop.THROUGHPUT) as f:
+    written = json.load(f)
+  for key in ('samples_per_minute', 'unrolled_steps_per_sec'):
+    assert result[key] == written[key] == measured[key], key
+
+
+# ------------------------------------------------------------------ issue 29: resume compatibility
+
+
+@pytest.mark.parametrize('binding', ['MLPLOpt.decays', 'MLPLOpt.time_scales'])
+def test_a_recorded_configuration_without_a_sequence_default_resumes(uninterrupted, tmp_path,
+                                                                     binding):
+  """An old operative_config.gin lacks the binding: the default is compared as a value (the
+  recorded lists are tuples in the code)."""
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  path = copy / run_checkpoints.RUN_CONFIG
+  lines = path.read_text().splitlines(keepends=True)
+  assert any(l.startswith(binding + ' = [') for l in lines), lines
+  path.write_text(''.join(l for l in lines if not l.startswith(binding + ' ')))
+  assert _trainer(copy).train() is None  # resumed: finished, nothing to train
+  # A changed value is still a change, whatever its brackets.
+  path.write_text(''.join(l if not l.startswith(binding + ' ') else f'{binding} = (0.5,)\n'
+                          for l in lines))
+  with pytest.raises(UserError, match=re.escape(f'{binding} ((0.5,) vs [')):
+    _trainer(copy).train()
+
+
+def test_a_deleted_outer_learning_rate_line_cannot_change_the_rate(tmp_path):
+  train_dir = tmp_path / 'run'
+  _trainer(train_dir, steps=2, bindings=['OuterLearner.outer_learning_rate = 1e-3']).train()
+  path = train_dir / run_checkpoints.RUN_CONFIG
+  lines = path.read_text().splitlines(keepends=True)
+  path.write_text(''.join(l for l in lines if not l.startswith('OuterLearner.outer_learning_rate')))
+  with pytest.raises(UserError) as e:  # at the default: 3e-3 for L_train
+    _trainer(train_dir, steps=4).train()
+  assert 'different OuterLearner.outer_learning_rate (0.001 vs 0.003)' in one_line(e), str(e.value)
+
+
+def test_a_lopt_json_of_an_older_lo_tf_without_the_outer_learning_rate_resumes(uninterrupted,
+                                                                               tmp_path):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  with open(copy / run_checkpoints.LOPT_CONFIG) as f:
+    saved = json.load(f)
+  assert saved.pop('outer_learning_rate') == 3e-3
+  (copy / run_checkpoints.LOPT_CONFIG).write_text(json.dumps(saved))
+  assert _trainer(copy).train() is None
+  with pytest.raises(UserError, match=r'OuterLearner\.outer_learning_rate \(None vs 0\.01\)'):
+    _trainer(copy, bindings=['OuterLearner.outer_learning_rate = 1e-2']).train()
+
+
+# ------------------------------------------------------------------ issue 29: notes
+
+
+def test_an_old_train_dir_with_a_renamed_binding_says_so(uninterrupted, tmp_path):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  path = copy / run_checkpoints.RUN_CONFIG
+  text = path.read_text()
+  assert 'OuterTrainer.num_slots = 2\n' in text
+  path.write_text(text.replace('OuterTrainer.num_slots = 2\n', 'OuterTrainer.num_workers = 2\n'))
+  with open(copy / loop.THROUGHPUT) as f:
+    revision = json.load(f)['git_revision']
+  with pytest.raises(UserError) as e:
+    _trainer(copy).train()
+  message = one_line(e)
+  assert 'was started by an older lo_tf (OuterTrainer.num_workers was renamed ' in message
+  assert 'OuterTrainer.num_slots); resume it with the lo_tf revision that started it' in message
+  if revision != 'unknown':
+    assert f'(its throughput.json names {revision})' in message, message
+
+
+def test_every_checkpoint_counts_the_time_of_its_own_outer_step(tmp_path, monkeypatch):
+  """A warm start from best/ckpt-N took the source's time without step N's."""
+  batch = loop.LocalSamples.batch
+
+  def slow_batch(self, *args):
+    time.sleep(0.3)
+    return batch(self, *args)
+
+  monkeypatch.setattr(loop.LocalSamples, 'batch', slow_batch)
+  _trainer(tmp_path, steps=2, checkpoint_every=1, meta_eval_every=1).train()
+  prefixes = [str(tmp_path / 'ckpt-1'), str(tmp_path / 'ckpt-2'),
+              tf.train.latest_checkpoint(str(tmp_path / 'best'))]
+  for prefix in prefixes:
+    step = int(prefix.rsplit('-', 1)[1])
+    seconds = tf.train.load_checkpoint(prefix).get_tensor(checkpointing.WALL_SECONDS_KEY)
+    assert seconds >= 0.3 * step, (prefix, seconds)
+
+
+def test_export_of_a_warm_started_run_records_the_source_and_the_command(uninterrupted,
+                                                                         tmp_path):
+  source, _, _ = uninterrupted
+  command = 'bin/train --gin_file=run.gin --train_dir=warm'
+  warm = str(tmp_path / 'warm')
+  train.train_from_flags([_gin_file(tmp_path)], [
+      'OuterTrainer.num_outer_steps = 2', "ThetaInit.kind = 'checkpoint'",
+      f'ThetaInit.checkpoint = {str(source)!r}'], warm, command=command)
+  with open(os.path.join(warm, loop.THROUGHPUT)) as f:
+    assert json.load(f)['command'] == command
+  meta = json.load(open(export.export_from_flags(warm, 'w', '', out_dir=str(tmp_path / 'out'))))
+  assert meta['command'] == command and meta['outer_steps'] in (0, 1, 2)
+  assert meta['source_outer_steps'] == _STEPS and meta['theta_init']['source'] == str(source)
+  # A --command given to bin/export_optimizer is recorded instead.
+  meta = json.load(open(export.export_from_flags(warm, 'w2', 'given', out_dir=str(tmp_path /
+                                                                                  'out'))))
+  assert meta['command'] == 'given'
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch, capfd):
+  def full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(os, 'fsync', full)
+  monkeypatch.setattr(sys, 'argv', ['bin/train'])
+  path = str(tmp_path / 'throughput.json')
+  verbosity = absl_logging.get_verbosity()
+  try:
+    with pytest.raises(SystemExit) as e:
+      common.run(lambda argv: io_utils.atomic_write_json(path, {'a': 1}))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  assert e.value.code == 2
+  lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith('error:')]
+  assert lines == [f"error: cannot write '{path}': No space left on device; free space on that "
+                   'disk and re-run the same command'], lines
+  assert os.listdir(tmp_path) == []  # the temporary file is gone
+
+
+def test_a_resume_with_fewer_kept_checkpoints_does_not_blame_a_kill(uninterrupted, tmp_path,
+                                                                    caplog):
+  train_dir, _, _ = uninterrupted
+  copy = tmp_path / 'copy'
+  shutil.copytree(train_dir, copy)
+  with caplog.at_level(logging.INFO, logger='absl'):
+    assert _trainer(copy, keep_checkpoints=1).train() is None
+  removed = [r.getMessage() for r in caplog.records if 'removed checkpoint' in r.getMessage()]
+  assert removed == [f'{copy}: removed checkpoint(s) beyond the 1 kept: ckpt-6, ckpt-4'], removed
+  assert sorted(p.name for p in copy.glob('ckpt-*.index')) == ['ckpt-8.index']
+  # A checkpoint the index never listed was left by a kill.
+  for suffix in ('.index', '.data-00000-of-00001'):
+    shutil.copy(copy / f'ckpt-8{suffix}', copy / f'ckpt-2{suffix}')
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger='absl'):
+    assert _trainer(copy, keep_checkpoints=1).train() is None
+  removed = [r.getMessage() for r in caplog.records if 'removed checkpoint' in r.getMessage()]
+  assert removed == [f'{copy}: removed checkpoint(s) left by a kill during a save (not in the '
+                     'index): ckpt-2'], removed

@@ -231,7 +231,11 @@ def test_estimator_direction_scores_the_meta_loss_of_fixed_tasks_and_is_determin
 @pytest.mark.parametrize('binding, message', [
     ({'outer_steps': ()}, 'outer_steps=()'), ({'outer_steps': 5}, 'outer_steps=5'),
     ({'outer_steps': (-1,)}, 'outer_steps=-1'), ({'num_batches': 3}, 'is odd'),
-    ({'step_sizes': ()}, 'step_sizes=()'), ({'seed': 'x'}, "seed='x'")])
+    ({'step_sizes': ()}, 'step_sizes=()'), ({'seed': 'x'}, "seed='x'"),
+    ({'step_sizes': (1e30,)}, 'step_sizes=1e+30 must be a finite number in (0.0, 1.0]'),
+    ({'step_sizes': 'abc'}, "step_sizes='abc'; give a non-empty tuple"),
+    ({'step_sizes': ('abc',)}, "step_sizes='abc' must be a finite number"),
+    ({'step_sizes': (0.01, 0.0)}, 'step_sizes=0.0 must be')])
 def test_estimator_direction_refuses_bad_sizes_with_a_user_error(binding, message):
   with pytest.raises(UserError, match=re.escape(message)):
     direction.EstimatorDirectionStudy(**binding)

@@ -200,6 +200,12 @@ class LocalCluster:
           self.task_command, env=env, stdin=subprocess.DEVNULL, stdout=log,
           stderr=subprocess.STDOUT, start_new_session=True)
 
+  def lost_workers(self):
+    """'worker I (pid P) exited with status S' for each worker task that has exited."""
+    return [f'worker {index} (pid {proc.pid}) exited with status {proc.returncode}'
+            for (job, index), proc in sorted(self._procs.items())
+            if job == 'worker' and proc.poll() is not None]
+
   def connected(self):
     """Marks the chief connected: from now on a task's exit is TensorFlow's to handle."""
     self._connected.set()
@@ -228,7 +234,10 @@ class LocalCluster:
           shutil.rmtree(self.task_dir, ignore_errors=True)
           os._exit(2)
         if job == 'worker':
-          logging.warning('local cluster: %s; its closures go to the other workers', what)
+          left = self.num_workers - len(self.lost_workers())
+          logging.warning('local cluster: %s; %s', what,
+                          f'its closures go to the other {left} worker(s)' if left else
+                          'no worker is left: the chief stops')
         else:
           logging.error('local cluster: %s; the chief stops at its next access to it', what)
 

@@ -3,6 +3,7 @@
 Gin parsing and building are `lo_tf.config`'s.
 """
 
+import errno
 import logging as std_logging
 import os
 import re
@@ -16,6 +17,7 @@ from absl import logging
 import tensorflow as tf
 
 from lo_tf.errors import UserError
+from lo_tf.learned_optimizers import pretrained
 
 EXIT_USAGE = 2
 
@@ -35,6 +37,21 @@ def op_error_line(e):
   text = re.sub(r'\{\{function_node [^}]*\}\}', '', e.message or '')
   text = re.sub(r'\s*\[Op:[^\]]*\](\s*name:.*)?$', '', text.strip().split('\n')[0]).strip()
   return text or type(e).__name__
+
+
+def absolute_path(path):
+  """`path` made absolute, as every entry point does once with the directories it is given.
+
+  From there on every path has one form: a relative one would resolve differently once a path
+  is written relative to another directory (TensorFlow's checkpoint index does that) or read by
+  a process in another working directory (a cluster's tasks). None and '' stay as they are.
+  """
+  return os.path.abspath(path) if path else path
+
+
+def absolute_spec(spec):
+  """A `--checkpoint` spec (shipped name, train_dir or checkpoint path) with its path absolute."""
+  return spec if not spec or spec in pretrained.shipped_names() else absolute_path(spec)
 
 
 def _parse_flags(argv):
@@ -76,6 +93,9 @@ def run(main):
       _fail(str(e).strip().splitlines()[0])
     except OSError as e:
       where = f' {e.filename!r}' if e.filename else ''
+      if e.errno == errno.ENOSPC:
+        _fail(f'cannot write{where}: {e.strerror}; free space on that disk and re-run the same '
+              'command')
       _fail(f'cannot access{where}: {e.strerror or e}; check the path and its permissions')
     except KeyboardInterrupt:
       _fail('interrupted (bin/train resumes from its last checkpoint when re-run)')

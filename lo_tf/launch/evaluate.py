@@ -9,6 +9,7 @@ from lo_tf.errors import UserError
 from lo_tf.evaluation import Evaluator
 from lo_tf.experiment import build_experiment
 from lo_tf.io_utils import array_digest
+from lo_tf.launch import common
 from lo_tf.learned_optimizers import pretrained
 from lo_tf.learning_curve import evaluate_checkpoints
 from lo_tf.tasks.distribution import OUTER_TEST
@@ -25,6 +26,7 @@ def evaluate_from_flags(gin_files, gin_bindings, checkpoint, test_source, num_ta
   Raises:
     UserError: for bad gin configuration, sources, checkpoints or output directories.
   """
+  checkpoint, output_dir = common.absolute_spec(checkpoint), common.absolute_path(output_dir)
   if every_checkpoint and not checkpoint:
     raise UserError('--every_checkpoint needs --checkpoint=TRAIN_DIR (a bin/train directory)')
   extra = [f'TaskDistribution.test_source = {test_source!r}'] if test_source else []

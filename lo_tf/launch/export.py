@@ -8,6 +8,7 @@ from lo_tf import config
 from lo_tf import io_utils
 from lo_tf import provenance
 from lo_tf.errors import UserError
+from lo_tf.launch import common
 from lo_tf.learned_optimizers import pretrained
 from lo_tf.outer_trainers import loop
 from lo_tf.outer_trainers import run_checkpoints
@@ -79,7 +80,8 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
       shipped (paper §4.3: "we use outer-training loss to select the best model"); every
       candidate's score is recorded.
     name: the shipped name ([a-z0-9_]+).
-    command: the outer-training command, recorded.
+    command: the outer-training command, recorded (default: the one the run's throughput.json
+      records).
     eval_results: optional results.json whose summary is recorded.
     git_revision: the revision that trained it (default: from the run's throughput.json).
     overwrite: replace a shipped optimizer of that name.
@@ -96,6 +98,7 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
   pretrained.check_export_name(name, out_dir, overwrite)
   if isinstance(checkpoints_specs, str):
     checkpoints_specs = [checkpoints_specs]
+  checkpoints_specs = [common.absolute_path(spec) for spec in checkpoints_specs]
   candidates = [(spec,) + _candidate(spec) for spec in checkpoints_specs]
   if len(candidates) > 1 and any(score is None for *_, score in candidates):
     raise UserError('several --checkpoint values must all be finished train_dirs (their best θ '
@@ -114,6 +117,14 @@ def export_from_flags(checkpoints_specs, name, command, eval_results=None, git_r
                            'delete it (it is rewritten by the next bin/train run) and retry')
     meta.update(wall_seconds=t.get('wall_seconds_total') or t.get('wall_seconds_this_run'),
                 throughput=t)
+    meta['command'] = command or t.get('command') or ''
+  theta_init = os.path.join(directory, loop.THETA_INIT)
+  if os.path.exists(theta_init):
+    record = io_utils.read_json(theta_init, dict, 'θ-initialization record',
+                                'delete it (a warm start is then not recorded) and retry')
+    meta['theta_init'] = record
+    if record.get('kind') == 'checkpoint':  # outer_steps counts this run's steps only
+      meta['source_outer_steps'] = record.get('source_outer_steps')
   config = os.path.join(directory, 'config.gin')
   if os.path.exists(config):
     with open(config) as f:

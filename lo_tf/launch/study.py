@@ -7,6 +7,7 @@ import os
 from lo_tf import config
 from lo_tf import io_utils
 from lo_tf.errors import UserError
+from lo_tf.launch import common
 from lo_tf.studies import ablations
 from lo_tf.studies import base
 from lo_tf.studies import direction
@@ -53,6 +54,9 @@ def study_from_flags(name, output_dir, gin_files=(), gin_bindings=(), checkpoint
   if name not in STUDIES:
     raise UserError(f'unknown study {name!r}; use one of {sorted(STUDIES)}')
   cls = STUDIES[name]
+  output_dir = common.absolute_path(output_dir)
+  checkpoint = common.absolute_spec(checkpoint)
+  train_dirs = [common.absolute_path(d) for d in train_dirs]
   options = base.Options(gin_files=tuple(gin_files) or (default_gin_file(name),),
                          gin_bindings=tuple(gin_bindings), checkpoint=checkpoint or None,
                          num_seeds=num_seeds, train_dirs=tuple(train_dirs))

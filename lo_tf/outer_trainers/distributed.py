@@ -57,6 +57,7 @@ from lo_tf.outer_trainers.estimators import concat_outputs
 # What a lost worker can surface as in a closure that the coordinator did not rerun itself.
 _WORKER_LOSS = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError)
 MAX_RECOVERIES = 20  # failures in a row, with no closure finishing, before giving up
+_LIVENESS_S = 1.0  # how often a chief waiting for closures checks that a worker is left
 MISMATCH = "lo_tf: a worker's configuration differs from the chief's"
 SAMPLE_SOURCE = 'cluster'
 
@@ -147,7 +148,7 @@ def check_workers(paths, manifest):
 
 
 @gin.configurable(denylist=['coordinator', 'estimator', 'num_slots', 'seed', 'manifest',
-                            'manifest_paths', 'cluster_workers'])
+                            'manifest_paths', 'cluster_workers', 'lost_workers'])
 class ClusterSamples:
   """Batches of S samples from closures on a parameter-server cluster (see the module docstring).
 
@@ -164,6 +165,9 @@ class ClusterSamples:
     closures_per_step: G, closures per update; must divide S (None: one per cluster worker).
     max_staleness: the most updates a sample's θ may lag the θ it updates (0: synchronous).
     closure_timeout_s: stop with an error when no closure finishes for this long.
+    lost_workers: a callable giving a description of each cluster worker known to be gone for
+      good (a local cluster's exited tasks), or None (unknown: closure_timeout_s bounds the wait).
+      When every worker is gone the run stops with an error instead of waiting for one.
 
   Raises:
     UserError: for bad settings.
@@ -171,7 +175,7 @@ class ClusterSamples:
 
   def __init__(self, coordinator, estimator, num_slots, seed, manifest=None, manifest_paths=(),
                cluster_workers=1, closures_per_step=None, max_staleness=0,
-               closure_timeout_s=1800.0):
+               closure_timeout_s=1800.0, lost_workers=None):
     groups = check_int('ClusterSamples', 'closures_per_step',
                        cluster_workers if closures_per_step is None else closures_per_step)
     if num_slots % groups:
@@ -186,6 +190,7 @@ class ClusterSamples:
     size = num_slots // groups
     self._group_slots = [np.arange(g * size, (g + 1) * size, dtype=np.int32) for g in range(groups)]
     self._manifest = manifest
+    self._cluster_workers, self._lost_workers = cluster_workers, lost_workers
     self._paths = tf.constant(list(manifest_paths) or [''])
     with self.placement():
       # Row p * S + s holds slot s's inner state in buffer p.
@@ -273,9 +278,11 @@ class ClusterSamples:
     buffer they read before, so rerunning them reproduces their outputs exactly.
 
     Raises:
+      UserError: every worker is known to be lost.
       tf.errors.OpError: from the parameter server when it is gone, or `error` after
         MAX_RECOVERIES failures without a closure finishing.
     """
+    self._check_a_worker_is_left()
     self._recoveries += 1
     if self._recoveries > MAX_RECOVERIES:
       raise error
@@ -291,13 +298,35 @@ class ClusterSamples:
     except Exception as e:  # pylint: disable=broad-except  (re-raised in the chief's thread)
       self._results.put((ticket, e))
 
+  def _check_a_worker_is_left(self):
+    """Raises UserError, naming them, when every worker of the cluster is known to be lost."""
+    lost = self._lost_workers() if self._lost_workers else []
+    if len(lost) >= self._cluster_workers:
+      # ClusterCoordinator waits for a lost worker to come back; none of these will.
+      raise UserError(f'lost every worker of the cluster ({"; ".join(lost)}): no closure can '
+                      'run; re-run the same command: training resumes from the last checkpoint')
+
+  def _next_result(self):
+    """(ticket, output or exception) of the next closure to finish.
+
+    Raises:
+      UserError: every worker is lost (checked every `_LIVENESS_S`), or no closure finished in
+        closure_timeout_s.
+    """
+    deadline = time.monotonic() + self.closure_timeout_s
+    while True:
+      try:
+        return self._results.get(timeout=max(0.0, min(_LIVENESS_S, deadline - time.monotonic())))
+      except queue.Empty:
+        pass
+      self._check_a_worker_is_left()
+      if time.monotonic() >= deadline:
+        raise UserError(f'no closure finished in {self.closure_timeout_s:g} s; check that the '
+                        'cluster\'s workers run, or raise ClusterSamples.closure_timeout_s')
+
   def _receive(self):
     """Waits for the next closure to finish and books its output."""
-    try:
-      ticket, value = self._results.get(timeout=self.closure_timeout_s)
-    except queue.Empty:
-      raise UserError(f'no closure finished in {self.closure_timeout_s:g} s; check that the '
-                      'cluster\'s workers run, or raise ClusterSamples.closure_timeout_s') from None
+    ticket, value = self._next_result()
     group, version, args = self._in_flight.pop(ticket)
     if isinstance(value, (tf.errors.InvalidArgumentError, tf.errors.NotFoundError)) and (
         self._manifest is not None):
@@ -328,7 +357,8 @@ class ClusterSamples:
       for closures)).
 
     Raises:
-      UserError: a worker of another configuration, or no closure finished in closure_timeout_s.
+      UserError: a worker of another configuration, every worker lost, or no closure finished in
+        closure_timeout_s.
       tf.errors.OpError: from the cluster, e.g. UnavailableError when a parameter server is gone.
     """
     if self._counts is None:  # after the checkpoint (if any) was restored

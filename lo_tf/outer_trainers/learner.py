@@ -15,7 +15,6 @@ the outer learning rate by a cosine to `final_lr_fraction` of its value over tha
 
 import gin
 import keras
-import numpy as np
 import tensorflow as tf
 
 from lo_tf.errors import check_int
@@ -51,8 +50,8 @@ class OuterLearner:
   def __init__(self, initial_theta, merge, objective='train', outer_learning_rate=None, beta_1=0.5,
                clip_value=0.1, average_decay=None, decay_steps=None, final_lr_fraction=0.1):
     if outer_learning_rate is not None:
-      check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate, 0.0,
-                   float(np.finfo(np.float32).max), low_open=True)
+      # Its range is refused (and warned about) by `monitoring.check_sane`, with the sane range.
+      check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate)
     if clip_value is not None:
       check_number('OuterLearner', 'clip_value', clip_value, 0.0, low_open=True)
     check_number('OuterLearner', 'beta_1', beta_1, 0.0, 1.0, high_open=True)
@@ -62,7 +61,8 @@ class OuterLearner:
       check_int('OuterLearner', 'decay_steps', decay_steps)
     check_number('OuterLearner', 'final_lr_fraction', final_lr_fraction, 0.0, 1.0)
     self.merge, self.clip_value = merge, clip_value
-    self.learning_rate = float(outer_learning_rate or DEFAULT_OUTER_LEARNING_RATE[objective])
+    self.learning_rate = float(DEFAULT_OUTER_LEARNING_RATE[objective]
+                               if outer_learning_rate is None else outer_learning_rate)
     self.theta = tf.Variable(initial_theta, name='theta')
     self.average_decay = average_decay
     self.theta_average = (None if average_decay is None else

@@ -55,6 +55,9 @@ THROUGHPUT = 'throughput.json'
 THETA_INIT = 'theta_init.json'
 OUTER_TRAINING_PNG = 'outer_training.png'
 META_EVAL_LOG = 'meta_eval.json'
+# The throughput measured up to the last checkpoint: a rerun that trains no step (a kill after
+# the final checkpoint) reports it instead of nothing.
+MEASURED = 'measured_throughput.json'
 
 
 # Passed by bin/train (--seed, --cluster) and by the studies: a gin binding of one is an error.
@@ -132,6 +135,9 @@ class OuterTrainer:
                      'num_meta_params': self.family.num_meta_params,
                      'num_inner_params': experiment.problem.num_params,
                      'num_slots': num_slots, 'num_inner_steps': experiment.trainer.num_steps,
+                     # The rate in use (a default depends on the objective): a resume compares
+                     # it even where a damaged operative_config.gin lacks its binding.
+                     'outer_learning_rate': self.learner.learning_rate,
                      **self.sample_source.metadata()}
     trackables = dict(self.learner.trackables(), step=self.step, wall_seconds=self.wall_seconds,
                       best_score=self.best_score, **self.sample_source.trackables())
@@ -142,6 +148,8 @@ class OuterTrainer:
     self.checkpoints = RunCheckpoints(train_dir, trackables, self.metadata, keep_checkpoints,
                                       self.run_config, best_theta=self.learner.evaluated_theta)
     self.summaries = None
+    self._counted_until = None  # the moment up to which wall_seconds counts, within a step
+    self._command = None
     monitoring.check_sane(self.learner.learning_rate, self.estimator.sigma)
 
   @property
@@ -183,8 +191,17 @@ class OuterTrainer:
                  '  '.join(f'{k} {v:.4f}' for k, v in result.items()))
     if result['selection_score'] < float(self.best_score):
       self.best_score.assign(result['selection_score'])
+      self._count_time()
       self.checkpoints.save_best(step)
     return result
+
+  def _count_time(self):
+    """Adds the time of the current outer step so far to wall_seconds (a save then records the
+    outer-training time up to and including its step; outside the steps, nothing is counted)."""
+    if self._counted_until is not None:
+      now = time.perf_counter()
+      self.wall_seconds.assign_add(now - self._counted_until)
+      self._counted_until = now
 
   def _meta_eval_due(self, step):
     return step % self.meta_eval_every == 0 or step == self.num_outer_steps
@@ -209,7 +226,7 @@ class OuterTrainer:
     except UserError:  # damaged: rewrite it
       return False
 
-  def train(self, config_str=None):
+  def train(self, config_str=None, command=None):
     """Outer-trains up to `num_outer_steps`, resuming from train_dir. Returns the throughput dict.
 
     A rerun of a finished run whose final outputs are missing (a kill or a full disk after the
@@ -218,6 +235,8 @@ class OuterTrainer:
     Args:
       config_str: the gin configuration text, saved as train_dir/config.gin once the lock is held
         and the checkpoint (if any) matched this configuration.
+      command: the command line that runs this (bin/train's), recorded in throughput.json
+        (`bin/export_optimizer` ships it).
 
     Returns:
       The throughput record also written to throughput.json, or None when the run had already
@@ -237,6 +256,7 @@ class OuterTrainer:
       if config_str is not None:
         io_utils.atomic_write_bytes(os.path.join(self.train_dir, 'config.gin'),
                                     config_str.encode())
+      self._command = command
       return self._train(fresh=restored is None)
 
   def _initialize_theta(self):
@@ -283,7 +303,7 @@ class OuterTrainer:
                     file=sys.stderr, mininterval=5.0, dynamic_ncols=True)
     try:
       while int(self.step) < self.num_outer_steps:
-        t0 = time.perf_counter()
+        t0 = self._counted_until = time.perf_counter()
         before = self.theta.numpy()
         stats = self.outer_step()
         seconds = time.perf_counter() - t0
@@ -299,16 +319,37 @@ class OuterTrainer:
         # No checkpoint during a streak: the last one from before a blow-up stays.
         if ((step % self.checkpoint_every == 0 and not stall.steps) or
             step == self.num_outer_steps):
+          if timing['steps']:
+            io_utils.atomic_write_json(os.path.join(self.train_dir, MEASURED),
+                                       self._rates(timing))
+          self._count_time()
           self.checkpoints.save(step)
-        self.wall_seconds.assign_add(time.perf_counter() - t0)
+        self._count_time()
         bar.set_postfix_str(f'L {stats["outer_loss"]:.3f} k {stats["unroll_length"]:.0f} '
                             f'rp-weight {stats["rp_weight"]:.2f} '
                             f'{timing["unrolled"] / max(timing["seconds"], 1e-9):.0f} unrolled '
                             'steps/s', refresh=False)
         bar.update(1)
     finally:  # an error message then starts on a line of its own
+      self._counted_until = None
       bar.close()
       self.summaries.flush()
+
+  def _rates(self, timing):
+    """The throughput of the timed steps: unrolled inner steps per second, samples per minute."""
+    return {'unrolled_steps_per_sec': timing['unrolled'] / timing['seconds'],
+            'samples_per_minute': 60.0 * self.num_slots * timing['steps'] / timing['seconds']}
+
+  def _read_measured(self):
+    """The rates measured up to the last checkpoint by an earlier process, or {} (none timed)."""
+    path = os.path.join(self.train_dir, MEASURED)
+    if not os.path.exists(path):
+      return {}
+    try:
+      saved = io_utils.read_json(path, dict, 'measured throughput')
+    except UserError:  # damaged: the rates are then unknown, nothing else depends on them
+      return {}
+    return {k: saved.get(k) for k in ('unrolled_steps_per_sec', 'samples_per_minute')}
 
   def _write_outputs(self, first, log, timing, run_start):
     """throughput.json and outer_training.png; returns the throughput record."""
@@ -324,11 +365,9 @@ class OuterTrainer:
               'implementation': getattr(self.family, 'implementation', None),
               # The numerical path this process ran (issue 25: another path, another θ).
               'kernel_path': getattr(self.family, 'kernel_path', None),
-              'onednn_max_cpu_isa': os.environ.get('ONEDNN_MAX_CPU_ISA')}
-    if timing['steps']:
-      result.update(unrolled_steps_per_sec=timing['unrolled'] / timing['seconds'],
-                    samples_per_minute=60.0 * self.num_slots * timing['steps'] /
-                    timing['seconds'])
+              'onednn_max_cpu_isa': os.environ.get('ONEDNN_MAX_CPU_ISA'),
+              'command': self._command}
+    result.update(self._rates(timing) if timing['steps'] else self._read_measured())
     io_utils.atomic_write_json(os.path.join(self.train_dir, THROUGHPUT), result)
     plotting.outer_training(os.path.join(self.train_dir, 'summaries'),
                             os.path.join(self.train_dir, OUTER_TRAINING_PNG))

@@ -36,12 +36,18 @@ _METADATA_BINDINGS = {'lopt': 'MLPLOpt', 'objective': 'TruncatedStep.objective',
                       'num_inner_params': 'the inner problem (its parameter count)',
                       'num_slots': 'OuterTrainer.num_slots',
                       'num_inner_steps': 'InnerTrainer.num_steps',
-                      'sample_source': 'the sample source (--cluster)'}
+                      'sample_source': 'the sample source (--cluster)',
+                      'outer_learning_rate': 'OuterLearner.outer_learning_rate'}
+# Entries an older lo_tf did not write into lopt.json: where absent, operative_config.gin alone
+# (compared too) holds them.
+_ADDED_ENTRIES = ('outer_learning_rate',)
 
 
 def _metadata_difference(saved, current):
   """'<binding> (<saved> vs <current>)' of the first lopt.json entry that differs, or None."""
   for key in current:
+    if key in _ADDED_ENTRIES and key not in saved:
+      continue
     a, b = saved.get(key), current[key]
     if a == b:
       continue
@@ -142,12 +148,29 @@ class RunCheckpoints:
                                               ignore=RESUMABLE)
     # A parameter added to lo_tf after the run started, left at its default, changes nothing.
     differences = [(k, old, new) for k, old, new in differences
-                   if not (old == '(unset)' and new == config.default_text(k))]
+                   if not (old == '(unset)' and config.same_value(new, config.default_text(k)))]
+    renamed = [(k, config.renamed_binding(k)) for k, old, _ in differences
+               if old != '(unset)' and config.renamed_binding(k)]
+    if renamed:
+      names = ', '.join(f'{old} was renamed {new}' for old, new in renamed)
+      raise UserError(f'--train_dir {self.train_dir} was started by an older lo_tf ({names}); '
+                      f'resume it with the lo_tf revision that started it{self._revision()}, or '
+                      'use a fresh --train_dir')
     if differences:
       resumable = ', '.join(k.split('.', 1)[1] for k in RESUMABLE)
       raise UserError(f'--train_dir {self.train_dir} holds a run of another configuration (saved '
                       f'vs now): {config.describe_differences(differences)}; use the same configuration '
                       f'or a fresh --train_dir (only OuterTrainer.{{{resumable}}} may change)')
+
+  def _revision(self):
+    """' (throughput.json names REV)': the lo_tf revision the run last ran with, or ''."""
+    # throughput.json is loop.THROUGHPUT (the loop imports this module, not the reverse).
+    path = os.path.join(self.train_dir, 'throughput.json')
+    try:
+      revision = io_utils.read_json(path, dict, 'throughput record').get('git_revision')
+    except UserError:  # missing or damaged: the message names no revision
+      return ''
+    return f' (its throughput.json names {revision})' if revision not in (None, 'unknown') else ''
 
   def write_metadata(self):
     """Writes lopt.json into the run and best directories and the operative configuration into

@@ -27,6 +27,7 @@ import tensorflow as tf
 from lo_tf import io_utils
 from lo_tf.errors import UserError
 from lo_tf.errors import check_int
+from lo_tf.errors import check_number
 from lo_tf.experiment import build_experiment
 from lo_tf.outer_trainers.curriculum import Curriculum
 from lo_tf.outer_trainers.estimators import MODES
@@ -88,10 +89,13 @@ class EstimatorDirectionStudy(base.Study):
                       'number (the split-half cosine compares two halves)')
     self.num_slots = check_int('EstimatorDirectionStudy', 'num_slots', num_slots)
     self.num_tasks = check_int('EstimatorDirectionStudy', 'num_tasks', num_tasks)
-    if not step_sizes or min(step_sizes) <= 0:
-      raise UserError(f'EstimatorDirectionStudy.step_sizes={tuple(step_sizes)}; give positive '
-                      'step sizes')
-    self.step_sizes = tuple(float(a) for a in step_sizes)
+    if not isinstance(step_sizes, (tuple, list)) or not step_sizes:
+      raise UserError(f'EstimatorDirectionStudy.step_sizes={step_sizes!r}; give a non-empty tuple '
+                      'of step sizes, e.g. (3e-3, 1e-2, 3e-2)')
+    # a·sign(g) moves every element of θ (O(1)) by a; outer Adam's first step moves it by its
+    # learning rate (3e-4 to 3e-3): a step beyond 1 measures nothing about the direction.
+    self.step_sizes = tuple(check_number('EstimatorDirectionStudy', 'step_sizes', a, 0.0, 1.0,
+                                         low_open=True) for a in step_sizes)
     self.seed = check_int('EstimatorDirectionStudy', 'seed', seed, minimum=0)
 
   def compute(self, output_dir, options, parts):
