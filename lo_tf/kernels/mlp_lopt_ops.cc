@@ -118,8 +118,16 @@ class MlpLoptCpuKernel : public MlpLoptKernelBase {
     p->chunks = chunks_.data();
     p->segment_sizes = segment_sizes_.data();
     // Below pool_min_weights (M·N) every pass runs on the calling thread: waking the pool's
-    // threads three to five times per call costs more than they save on a small network.
+    // threads three to five times per call costs more than they save on a small network. There
+    // the features also stay in cache between the forward's two passes, so the step pass reads
+    // them instead of transposing m, v and recomputing them.
     if (p->cfg->m * p->cfg->n < pool_min_weights_) {
+      tf::Tensor features;
+      if (!kBackward) {
+        const int64_t floats = p->cfg->m * p->num_chunks * kChunk * p->cfg->num_weight_features;
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(tf::DT_FLOAT, tf::TensorShape({floats}), &features));
+        p->features = features.flat<float>().data();
+      }
       RunCpuPasses(*units_, *p, kBackward, [](int64_t total, int64_t, auto fn) { fn(0, total); });
       return;
     }
