@@ -327,6 +327,12 @@ def test_speed_results_record_the_implementation():
   assert all(r['forward_ms'] > 0 and r['forward_backward_ms'] > 0
              for r in core['results'].values())
   assert bool(core['speedups']) == ops.available()
+  if ops.available():
+    parts = step_core.breakdown(weights=(10,), isas=['generic'], repeats=1, work_per_run=30)
+    result = parts['results']['generic'][10]
+    assert result['steps'] == 3 and result['flops_per_weight'] == 2 * 32 * (22 + 2)
+    assert {'tf_op_ms', 'dense_ms', 'features_and_normalization_ms', 'pool_dispatch_ms',
+            'packing_ms', 'default_ms'} <= set(result)
 
 
 def _build_kernels_module():
