@@ -62,9 +62,8 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
     raise UserError(f'--core_trajectories={core_trajectories} must be >= 0 (0: no core benchmark)')
   _check_json_out(json_out)
   problem = None
-  if gin_files or gin_bindings:  # bindings alone configure the optimizers (e.g. MLPLOpt.cpu_isa)
-    config.parse_gin(gin_files, gin_bindings)
   if gin_files:
+    config.parse_gin(gin_files, gin_bindings)
     experiment = config.build(build_experiment)
     problem, batch_size = experiment.problem, experiment.trainer.batch_size
     if not core_sizes:
@@ -72,7 +71,7 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
   result = inner_speed.benchmark(batch_size=batch_size, image_size=shape, steps=steps,
                                  repeats=repeats, device=device, names=tuple(names),
                                  problem=problem)
-  if gin_files or gin_bindings:
+  if gin_files:
     result['config'] = gin.config_str()
   print(f'{result["problem"]["name"]} {"x".join(map(str, result["image_size"]))}, '
         f'{sum(result["problem"]["sizes"])} weights in {len(result["problem"]["sizes"])} tensors, '
