@@ -136,11 +136,35 @@ def test_cpu_instruction_set_variants_agree():
 
 
 @requires_op
+@pytest.mark.parametrize('isa', ops.CPU_ISAS[1:])
+@pytest.mark.parametrize('excess', [-1, 1])
+def test_small_problem_path_agrees_with_the_thread_pool_path(isa, excess):
+  """Just below and above POOL_MIN_WEIGHTS (the default path switches there), the passes on the
+  calling thread give bitwise the results of the thread-pool passes, and those of the reference."""
+  if isa not in ops.supported_cpu_isas():
+    pytest.skip(f'this CPU or build lacks the {isa} kernel')
+  lopt = MLPLOpt(lambda_exp=0.3, lambda_lin=0.05, implementation='custom_op')
+  sizes = (ops.POOL_MIN_WEIGHTS - 4000 + excess, 3000, 1000)
+  inputs = _inputs(lopt, 1, sizes, seed=3)
+  results = {}
+  for name, pool_min_weights in (('default', None), ('pool', 0), ('calling_thread', 10**12)):
+    core = lambda *args, p=pool_min_weights: ops.mlp_lopt_step(lopt, *args, cpu_isa=isa,
+                                                               pool_min_weights=p)
+    results[name] = sum(_values_and_gradients(core, inputs, sizes, 8), [])
+  for name in ('default', 'calling_thread'):
+    for a, b in zip(results[name], results['pool']):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  ref = lopt.reference_core(*inputs, sizes)
+  for a, b in zip(results['calling_thread'][:3], ref):
+    np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@requires_op
 def test_results_are_bitwise_deterministic():
   """Work units and their reduction order are fixed by the sizes alone, so runs that the thread
   pool shards differently (eager, and in a tf.function) give bitwise equal results."""
   lopt = MLPLOpt(lambda_exp=0.3, lambda_lin=0.05, implementation='custom_op')
-  sizes = (5000, 3000)
+  sizes = (12000, 6000)  # M·N above POOL_MIN_WEIGHTS: the thread pool runs the passes
   inputs = _inputs(lopt, 2, sizes, seed=1)
   first = _values_and_gradients(lopt.core, inputs, sizes, 6)
   second = _values_and_gradients(tf.function(lopt.core), inputs, sizes, 6)
@@ -303,6 +327,12 @@ def test_speed_results_record_the_implementation():
   assert all(r['forward_ms'] > 0 and r['forward_backward_ms'] > 0
              for r in core['results'].values())
   assert bool(core['speedups']) == ops.available()
+  if ops.available():
+    parts = step_core.breakdown(weights=(10,), isas=['generic'], repeats=1, work_per_run=30)
+    result = parts['results']['generic'][10]
+    assert result['steps'] == 3 and result['flops_per_weight'] == 2 * 32 * (22 + 2)
+    assert {'tf_op_ms', 'dense_ms', 'features_and_normalization_ms', 'pool_dispatch_ms',
+            'packing_ms', 'default_ms'} <= set(result)
 
 
 def _build_kernels_module():

@@ -126,7 +126,9 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
   Returns:
     {"device", "machine", "cpu_count", "problem" (class name and number of weights per tensor),
     "batch_size", "image_size", "steps", "learned_implementation" (what 'learned' runs:
-    `MLPLOpt().implementation`), "kernel" (`lo_tf.kernels.ops.describe()`), "results": {name:
+    `MLPLOpt().implementation`), "kernel" (`lo_tf.kernels.ops.describe()`), "learned_kernel_path"
+    (the fused op's CPU kernel that 'learned_custom_op' runs, e.g. under a gin binding of
+    `MLPLOpt.cpu_isa`; None without the op), "results": {name:
     {"batches_per_sec_median", "runs", "batches_per_cpu_sec_median", "cpu_runs"}}, "ratios":
     {"a/b": ...}, "cpu_ratios"}; "runs" lists every run's batches/s in order, "cpu_runs" its
     batches per second of this process's CPU time; ratios are adam/sgd, sgd_packed/sgd and each
@@ -157,4 +159,6 @@ def benchmark(batch_size=128, image_size=(32, 32, 3), num_classes=10, steps=100,
               problem={'name': type(problem).__name__, 'sizes': sizes},
               batch_size=batch_size, image_size=list(image_size), steps=steps,
               learned_implementation=MLPLOpt().implementation, kernel=ops.describe(),
+              learned_kernel_path=MLPLOpt(implementation='custom_op').kernel_path
+              if ops.available() else None,
               results=results, ratios=ratios, cpu_ratios=cpu_ratios)

@@ -34,6 +34,8 @@ constexpr int kMaxWeightFeatures = 2 + 4 * kMaxDecays;
 // Elements per work unit: a unit never crosses a weight tensor, so its partial sums belong to one
 // tensor; units are fixed by the sizes alone, so the results do not depend on the thread count.
 constexpr int kChunk = 512;
+// Elements of a CPU block (mlp_lopt_cpu.cc): the granularity of Problem::features.
+constexpr int kCpuBlock = 64;
 
 struct Config {
   int64_t m = 0;  // trajectories
@@ -88,6 +90,9 @@ struct Problem {
   // per-tensor normalization-gradient coefficients [M, S, nw].
   double* sum_squares;
   float *scale, *bias, *partials, *correction;
+  // Optional (forward, CPU): every block's raw features [M·C, kChunk / kB blocks, nw, kB], written
+  // by the statistics pass and read by the step pass instead of recomputing them (null: recompute).
+  float* features;
 };
 
 // The CPU compute units, compiled once per instruction set (mlp_lopt_cpu.cc). Each `*_units`

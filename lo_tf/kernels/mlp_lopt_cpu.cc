@@ -39,7 +39,7 @@ constexpr int kVecBytes = 16;
 #endif
 typedef float Vec __attribute__((vector_size(kVecBytes)));
 constexpr int kL = kVecBytes / sizeof(float);  // lanes of a Vec
-constexpr int kB = 64;                          // lanes of a block
+constexpr int kB = kCpuBlock;                   // lanes of a block
 constexpr int kBV = kB / kL;                    // Vecs of a block row
 constexpr int kTileV = 4;                       // Vecs of a dense-layer register tile
 static_assert(kBV % kTileV == 0, "a block row is whole tiles");
@@ -223,12 +223,13 @@ void Dense(const float* W, int64_t rs, int64_t ks, int num_out, int num_in, cons
   for (; r < num_out; ++r) DenseRows<1>(W, rs, ks, num_in, in, init, r, out);
 }
 
-// Normalized features, hidden pre-activations z and the two outputs of a featurized block.
-void Mlp(const Config& c, const float* theta, const float* scale, const float* bias, Block* blk) {
+// Normalized features, hidden pre-activations z and the two outputs of a block of raw features x.
+void Mlp(const Config& c, const float* theta, const float* scale, const float* bias,
+         const float* x, Block* blk) {
   const int nw = c.num_weight_features, h_size = c.hidden;
   for (int j = 0; j < nw; ++j) {
     const float q = scale[j];
-    const float* xj = blk->x.data() + j * kB;
+    const float* xj = x + j * kB;
     float* xnj = blk->xn.data() + j * kB;
     for (int b = 0; b < kB; ++b) xnj[b] = xj[b] * q;
   }
@@ -333,6 +334,12 @@ void ForUnitBlocks(const Problem& p, int64_t u, Fn fn) {
     fn(i, chunk, n0, static_cast<int>(std::min<int64_t>(kB, end - n0)));
 }
 
+// The block of unit u starting at element n0 in Problem::features.
+float* CachedFeatures(const Problem& p, int64_t u, const Chunk& chunk, int64_t n0) {
+  const int64_t block = u * (kChunk / kB) + (n0 - chunk.start) / kB;
+  return p.features + block * p.cfg->num_weight_features * kB;
+}
+
 void StatsUnits(const Problem& p, int64_t begin, int64_t end) {
   const Config& c = *p.cfg;
   const int nw = c.num_weight_features;
@@ -340,9 +347,11 @@ void StatsUnits(const Problem& p, int64_t begin, int64_t end) {
   for (int64_t u = begin; u < end; ++u) {
     double* sums = p.sum_squares + u * nw;
     std::fill_n(sums, nw, 0.0);
-    ForUnitBlocks(p, u, [&](int64_t i, const Chunk&, int64_t n0, int nb) {
+    ForUnitBlocks(p, u, [&](int64_t i, const Chunk& chunk, int64_t n0, int nb) {
       Load(p, i, n0, nb, false, &blk);
       Features(c, &blk);
+      if (p.features)
+        std::copy(blk.x.begin(), blk.x.end(), CachedFeatures(p, u, chunk, n0));
       for (int j = 0; j < nw; ++j) {
         const float* xj = blk.x.data() + j * kB;
         float s = 0.0f;
@@ -393,11 +402,16 @@ void StepUnits(const Problem& p, int64_t begin, int64_t end) {
   Block blk(c);
   for (int64_t u = begin; u < end; ++u) {
     ForUnitBlocks(p, u, [&](int64_t i, const Chunk& chunk, int64_t n0, int nb) {
-      Load(p, i, n0, nb, false, &blk);
-      Features(c, &blk);
+      const float* x = blk.x.data();
+      if (p.features) {
+        x = CachedFeatures(p, u, chunk, n0);
+      } else {
+        Load(p, i, n0, nb, false, &blk);
+        Features(c, &blk);
+      }
       Mlp(c, p.theta + i * c.num_params,
           p.scale + (i * p.num_segments + chunk.segment) * c.num_weight_features,
-          p.bias + i * c.hidden, &blk);
+          p.bias + i * c.hidden, x, &blk);
       const float* w = p.w + i * c.n + n0;
       float* new_w = p.new_w + i * c.n + n0;
       for (int b = 0; b < nb; ++b) {
@@ -460,7 +474,7 @@ void BackwardUnits(const Problem& p, int64_t begin, int64_t end) {
       const float* scale = p.scale + (i * p.num_segments + chunk.segment) * nw;
       Load(p, i, n0, nb, true, &blk);
       Features(c, &blk);
-      Mlp(c, theta, scale, p.bias + i * h_size, &blk);
+      Mlp(c, theta, scale, p.bias + i * h_size, blk.x.data(), &blk);
       // d step = -d new_w; padded lanes have zero upstream gradients and so contribute nothing.
       for (int b = 0; b < kB; ++b) {
         const float scaled = c.lambda_exp * blk.o0[b];

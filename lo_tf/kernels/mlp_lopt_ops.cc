@@ -17,21 +17,23 @@ namespace {
 
 using ::tensorflow::shape_inference::InferenceContext;
 
-// The MLPLOpt hyperparameters (names as in MLPLOpt) and the static weight-tensor sizes.
-#define LO_TF_MLP_LOPT_ATTRS                         \
-  Attr("sizes: list(int) >= 1")                      \
-      .Attr("hidden_size: int >= 1")                 \
-      .Attr("decays: list(float) >= 1")              \
-      .Attr("time_scales: list(float) >= 1")         \
-      .Attr("lambda_exp: float")                     \
-      .Attr("lambda_lin: float")                     \
-      .Attr("rms_epsilon: float")                    \
-      .Attr("norm_epsilon: float")                   \
-      .Attr("use_momentum: bool")                    \
-      .Attr("use_rms: bool")                         \
-      .Attr("use_time: bool")                        \
-      .Attr("max_log_step: float")                   \
-      .Attr("cpu_isa: {'auto', 'generic', 'avx2', 'avx512'} = 'auto'")
+// The MLPLOpt hyperparameters (names as in MLPLOpt), the static weight-tensor sizes, the CPU kernel
+// variant and the M·N from which the CPU passes use the thread pool (MlpLoptCpuKernel::Run).
+#define LO_TF_MLP_LOPT_ATTRS                                                        \
+  Attr("sizes: list(int) >= 1")                                                     \
+      .Attr("hidden_size: int >= 1")                                                \
+      .Attr("decays: list(float) >= 1")                                             \
+      .Attr("time_scales: list(float) >= 1")                                        \
+      .Attr("lambda_exp: float")                                                    \
+      .Attr("lambda_lin: float")                                                    \
+      .Attr("rms_epsilon: float")                                                   \
+      .Attr("norm_epsilon: float")                                                  \
+      .Attr("use_momentum: bool")                                                   \
+      .Attr("use_rms: bool")                                                        \
+      .Attr("use_time: bool")                                                       \
+      .Attr("max_log_step: float")                                                  \
+      .Attr("cpu_isa: {'auto', 'generic', 'avx2', 'avx512'} = 'auto'")              \
+      .Attr("pool_min_weights: int >= 0 = 16384")
 
 REGISTER_OP("MlpLoptStep")
     .Input("theta: float")  // [M, P]
@@ -106,6 +108,7 @@ class MlpLoptCpuKernel : public MlpLoptKernelBase {
     std::string isa;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("cpu_isa", &isa));
     units_ = SelectUnits(isa);
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("pool_min_weights", &pool_min_weights_));
     OP_REQUIRES(ctx, units_ != nullptr,
                 tf::errors::InvalidArgument("cpu_isa=", isa, " is not supported by this CPU"));
   }
@@ -114,6 +117,20 @@ class MlpLoptCpuKernel : public MlpLoptKernelBase {
   void Run(tf::OpKernelContext* ctx, Problem* p) override {
     p->chunks = chunks_.data();
     p->segment_sizes = segment_sizes_.data();
+    // Below pool_min_weights (M·N) every pass runs on the calling thread: waking the pool's
+    // threads three to five times per call costs more than they save on a small network. There
+    // the features also stay in cache between the forward's two passes, so the step pass reads
+    // them instead of transposing m, v and recomputing them.
+    if (p->cfg->m * p->cfg->n < pool_min_weights_) {
+      tf::Tensor features;
+      if (!kBackward) {
+        const int64_t floats = p->cfg->m * p->num_chunks * kChunk * p->cfg->num_weight_features;
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(tf::DT_FLOAT, tf::TensorShape({floats}), &features));
+        p->features = features.flat<float>().data();
+      }
+      RunCpuPasses(*units_, *p, kBackward, [](int64_t total, int64_t, auto fn) { fn(0, total); });
+      return;
+    }
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     RunCpuPasses(*units_, *p, kBackward, [pool](int64_t total, int64_t cost, auto fn) {
       pool->ParallelFor(total, cost, fn);
@@ -122,6 +139,7 @@ class MlpLoptCpuKernel : public MlpLoptKernelBase {
 
  private:
   const CpuUnits* units_ = nullptr;
+  int64_t pool_min_weights_ = 0;
 };
 
 class MlpLoptCpuIsaKernel : public tf::OpKernel {

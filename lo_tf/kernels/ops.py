@@ -27,6 +27,8 @@ BUILD_INFO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'build_inf
 MAX_DECAYS = 16
 MAX_TIME_SCALES = 64
 CPU_ISAS = ('auto', 'generic', 'avx2', 'avx512')
+# The op's default pool_min_weights (mlp_lopt_ops.cc).
+POOL_MIN_WEIGHTS = 16384
 # mlp_lopt.MAX_LOG_STEP, repeated because mlp_lopt imports this module (tests check they agree).
 MAX_LOG_STEP = 10.0
 
@@ -204,10 +206,10 @@ def _attrs(lopt, sizes, cpu_isa_name):
 # The attributes `_attrs` sets, which the gradient op shares with the op (mlp_lopt_ops.cc).
 _ATTR_NAMES = ('sizes', 'hidden_size', 'decays', 'time_scales', 'lambda_exp', 'lambda_lin',
                'rms_epsilon', 'norm_epsilon', 'use_momentum', 'use_rms', 'use_time', 'max_log_step',
-               'cpu_isa')
+               'cpu_isa', 'pool_min_weights')
 
 
-def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto'):
+def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto', pool_min_weights=None):
   """The fused equivalent of `MLPLOpt.reference_core` (same arguments, results and gradients).
 
   Args:
@@ -216,6 +218,10 @@ def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto'):
       switched off).
     cpu_isa: the CPU kernel variant: 'auto' (the best this CPU supports), 'generic', 'avx2' or
       'avx512' (an error where the CPU lacks it); for tests and benchmarks.
+    pool_min_weights: M·N from which the CPU kernel spreads its passes over TensorFlow's thread
+      pool; below it, every pass runs on the calling thread (App. F's fixed per-call cost on small
+      networks). None: the op's default (`POOL_MIN_WEIGHTS`); 0 always uses the pool. The results
+      do not depend on it. For tests and benchmarks.
 
   Returns:
     (new w [M, N], new m, new v), float32. Inside a function being compiled by XLA
@@ -237,6 +243,8 @@ def mlp_lopt_step(lopt, theta, g, w, t, m, v, sizes, cpu_isa='auto'):
   if module is None:
     raise UserError(f'the fused learned-optimizer op is unavailable: {load_error()}')
   attrs = _attrs(lopt, sizes, cpu_isa)
+  if pool_min_weights is not None:
+    attrs['pool_min_weights'] = int(pool_min_weights)
   inputs = [tf.convert_to_tensor(x) for x in (theta, g, w, t, m, v)]
   for name, x in zip(('theta', 'g', 'w', 't', 'm', 'v'), inputs):
     if x.dtype != tf.float32:

@@ -30,10 +30,12 @@ def _write(json_out, result):
 
 
 def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, names, json_out,
-                               core_trajectories=0, core_sizes=(), gin_files=(), gin_bindings=()):
+                               core_trajectories=0, core_sizes=(), core_breakdown=(), gin_files=(),
+                               gin_bindings=()):
   """Validates flag values, runs `inner_speed.benchmark` (and `step_core.benchmark` when
-  core_trajectories > 0, under the JSON key "core"; core_sizes empty: the Omniglot CNN's sizes),
-  prints tables, writes JSON.
+  core_trajectories > 0, under the JSON key "core"; core_sizes empty: the Omniglot CNN's sizes;
+  and `step_core.breakdown` at the weights of core_breakdown, under "breakdown"), prints tables,
+  writes JSON.
 
   With gin_files, the experiment they configure is timed instead of the paper's CNN: its inner
   problem, `InnerTrainer.batch_size` and image shape (batch_size and image_size are then unused;
@@ -50,6 +52,10 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
     core_shape = tuple(int(v) for v in core_sizes) or step_core.OMNIGLOT_CNN_SIZES
   except ValueError:
     raise UserError(f'--core_sizes={",".join(core_sizes)} must be integers') from None
+  try:
+    breakdown_weights = tuple(int(v) for v in core_breakdown)
+  except ValueError:
+    raise UserError(f'--core_breakdown={",".join(core_breakdown)} must be integers') from None
   if not names:
     raise UserError('--optimizers is empty; name some of sgd, adam, learned')
   if core_trajectories < 0:
@@ -87,8 +93,23 @@ def inner_benchmark_from_flags(batch_size, image_size, steps, repeats, device, n
       print(f'{impl:<31} {r["forward_ms"]:>10.2f}  {r["forward_backward_ms"]:>19.2f}')
     for mode, speedup in core['speedups'].items():
       print(f'speedup custom_op over xla, {mode}: {speedup:.2f}')
+  if breakdown_weights:
+    result['breakdown'] = step_core.breakdown(weights=breakdown_weights, repeats=repeats)
+    _print_breakdown(result['breakdown'])
   _write(json_out, result)
   return result
+
+
+def _print_breakdown(breakdown):
+  parts = ('default', 'tf_op', 'dense', 'features_and_normalization', 'pool_dispatch', 'packing')
+  print(f'one call of the fused op, µs of CPU time (dense GFLOP/s; fraction of '
+        f'{breakdown["cpu_mhz"]} MHz x FLOP/cycle):')
+  print(f'{"isa":<8} {"weights":>8} ' + ' '.join(f'{p:>12.12}' for p in parts) + '  GFLOP/s  peak')
+  for isa, by_size in breakdown['results'].items():
+    for n, r in by_size.items():
+      gflops, fraction = r['dense_gflops'] or 0.0, r['dense_fraction_of_peak'] or 0.0
+      print(f'{isa:<8} {n:>8} ' + ' '.join(f'{1e3 * r[p + "_ms"]:>12.1f}' for p in parts) +
+            f'  {gflops:>7.1f}  {fraction:.2f}')
 
 
 def outer_benchmark_from_flags(gin_files, gin_bindings, num_samples, unroll_length, repeats,
