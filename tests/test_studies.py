@@ -353,6 +353,7 @@ def spread_run(tmp_path_factory):
   return out, results, written
 
 
+@pytest.mark.slow  # two outer-training child processes and bin/eval: about 2 minutes
 def test_spread_study_trains_each_cell_on_its_kernel_path_and_reports_the_spread(spread_run):
   out, _, written = spread_run
   runs = written['runs']
@@ -385,6 +386,7 @@ def test_spread_study_trains_each_cell_on_its_kernel_path_and_reports_the_spread
   assert summary['best_pick_luck_median'] == pytest.approx(np.median(lucks))
 
 
+@pytest.mark.slow  # two outer-training child processes and bin/eval: about 2 minutes
 def test_spread_rerun_trains_nothing_and_another_config_is_refused(spread_run):
   out, _, written = spread_run
   index = os.path.join(out, 'runs', 'seed_3_generic', 'ckpt-2.index')
