@@ -186,8 +186,12 @@ class OuterTrainingSpreadStudy(base.Study):
                                     'throughput record', 'rerun the study')
     best_dir = os.path.join(train_dir, run_checkpoints.BEST)
     best = int(np.nanargmin(base.floats(scores)))
-    held_out = self._evaluate(options, best_dir, train_dir, parts)
-    reevaluated = self._reevaluate(options, best_dir, train_dir, parts)
+    learned = pretrained.load(best_dir)
+    # What both cached parts depend on: best/'s θ and the configuration it is evaluated in.
+    key = {'theta': io_utils.array_digest(learned[2]),
+           'config': [_read_text(f) for f in options.gin_files], 'bindings': options.gin_bindings}
+    held_out = self._evaluate(options, best_dir, train_dir, learned, key, parts)
+    reevaluated = self._reevaluate(train_dir, learned, key, parts)
     meets = all(held_out.get(k) is not None and held_out[k] >= v for k, v in GOALS.items())
     return {'seed': seed, 'kernel_path': path, 'train_dir': train_dir, 'steps': steps,
             'selection_scores': scores, 'final_selection_score': scores[-1],
@@ -196,11 +200,10 @@ class OuterTrainingSpreadStudy(base.Study):
             'recorded_kernel_path': throughput.get('kernel_path'),
             'best_reevaluated_scores': reevaluated, 'held_out': held_out, 'meets_goals': meets}
 
-  def _reevaluate(self, options, best_dir, train_dir, parts):
+  def _reevaluate(self, train_dir, learned, key, parts):
     """best/ θ's selection score from `num_reevaluations` other inits (a cached part)."""
-    _, family, theta, _ = pretrained.load(best_dir)
-    key = {'theta': io_utils.array_digest(theta), 'num': self.num_reevaluations,
-           'config': [_read_text(f) for f in options.gin_files], 'bindings': options.gin_bindings}
+    _, family, theta, _ = learned
+    key = dict(key, num=self.num_reevaluations)
 
     def compute():
       base.parse_sub_config([os.path.join(train_dir, 'config.gin')], [])
@@ -212,12 +215,10 @@ class OuterTrainingSpreadStudy(base.Study):
 
     return parts.get('reevaluated', key, compute)['scores']
 
-  def _evaluate(self, options, best_dir, train_dir, parts):
+  def _evaluate(self, options, best_dir, train_dir, learned, key, parts):
     """bin/eval of best/ on the held-out split (machine-default kernels); a cached part."""
-    name, family, theta, meta = pretrained.load(best_dir)
-    key = {'theta': io_utils.array_digest(theta), 'split': self.split,
-           'num_tasks': self.num_tasks, 'num_inits': self.num_inits,
-           'config': [_read_text(f) for f in options.gin_files], 'bindings': options.gin_bindings}
+    name, family, theta, meta = learned
+    key = dict(key, split=self.split, num_tasks=self.num_tasks, num_inits=self.num_inits)
 
     def compute():
       base.parse_sub_config(options.gin_files, options.gin_bindings)
@@ -226,7 +227,7 @@ class OuterTrainingSpreadStudy(base.Study):
                           num_tasks=self.num_tasks, num_inits=self.num_inits,
                           learned=(name, family, theta), split=self.split,
                           provenance={'spec': best_dir, 'checkpoint': meta.get('checkpoint'),
-                                      'theta_sha1': io_utils.array_digest(theta)}).run()
+                                      'theta_sha1': key['theta']}).run()
       return {k: results['summary'].get(k) for k in MEASURES}
 
     return parts.get('held_out', key, compute)
