@@ -160,6 +160,26 @@ def test_outer_lr_decays_by_a_cosine_and_the_average_is_an_ema_of_the_iterates()
       OuterLearner(tf.zeros([3]), estimators.merge, **{binding: value})
 
 
+@pytest.mark.parametrize('beta_2', [0.5, 0.999])
+def test_outer_adam_beta_2_sets_how_fast_a_large_first_gradient_is_forgotten(beta_2):
+  """Adam with β1 = 0: after a gradient g then g/4, the second step is lr (g/4) / sqrt(v̂) with
+  v̂ = (β2 g² + g²/16) / (1 + β2) (issue 25's β2 lever)."""
+  lr, g = 1e-2, 0.08
+  learner = OuterLearner(tf.zeros([2]), estimators.merge, outer_learning_rate=lr, beta_1=0.0,
+                         beta_2=beta_2)
+  learner.apply(_constant_output([g, -g]))
+  first = learner.theta.numpy().copy()
+  learner.apply(_constant_output([g / 4, -g / 4]))
+  second = first - learner.theta.numpy()
+  v_hat = (beta_2 * g**2 + g**2 / 16) / (1 + beta_2)
+  np.testing.assert_allclose(-first, [lr, -lr], rtol=1e-4)
+  np.testing.assert_allclose(second, [lr * (g / 4) / np.sqrt(v_hat), -lr * (g / 4) / np.sqrt(v_hat)],
+                             rtol=1e-4)
+  for value in (0.0, 1.0):
+    with pytest.raises(UserError, match='beta_2'):
+      OuterLearner(tf.zeros([2]), estimators.merge, beta_2=value)
+
+
 def test_with_averaging_meta_eval_and_best_see_the_average_and_a_resume_is_exact(experiment,
                                                                                   tmp_path):
   average = ['OuterLearner.average_decay = 0.5', 'OuterLearner.decay_steps = 4']

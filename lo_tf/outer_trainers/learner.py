@@ -35,6 +35,9 @@ class OuterLearner:
       (App. C.3).
     outer_learning_rate: Adam's learning rate (None: 3e-3 for L_train, 3e-4 for L_valid).
     beta_1: Adam β1 (paper: 0.5).
+    beta_2: Adam β2 (Keras' and the authors' 0.999). A smaller one forgets the large outer
+      gradients of the first steps sooner, so a later, flatter stretch is not crossed in
+      steps shrunk by them (issue 25).
     clip_value: the merged gradient is clipped to [-clip_value, clip_value] elementwise before
       Adam (authors' code: 0.1; None: no clipping).
     average_decay: d of the moving average θ̄ of the outer iterates (None: no average; then
@@ -48,13 +51,14 @@ class OuterLearner:
   """
 
   def __init__(self, initial_theta, merge, objective='train', outer_learning_rate=None, beta_1=0.5,
-               clip_value=0.1, average_decay=None, decay_steps=None, final_lr_fraction=0.1):
+               beta_2=0.999, clip_value=0.1, average_decay=None, decay_steps=None, final_lr_fraction=0.1):
     if outer_learning_rate is not None:
       # Its range is refused (and warned about) by `monitoring.check_sane`, with the sane range.
       check_number('OuterLearner', 'outer_learning_rate', outer_learning_rate)
     if clip_value is not None:
       check_number('OuterLearner', 'clip_value', clip_value, 0.0, low_open=True)
     check_number('OuterLearner', 'beta_1', beta_1, 0.0, 1.0, high_open=True)
+    check_number('OuterLearner', 'beta_2', beta_2, 0.0, 1.0, low_open=True, high_open=True)
     if average_decay is not None:
       check_number('OuterLearner', 'average_decay', average_decay, 0.0, 1.0, high_open=True)
     if decay_steps is not None:
@@ -71,7 +75,7 @@ class OuterLearner:
     if decay_steps is not None:
       rate = keras.optimizers.schedules.CosineDecay(self.learning_rate, decay_steps,
                                                     alpha=final_lr_fraction)
-    self.optimizer = keras.optimizers.Adam(learning_rate=rate, beta_1=beta_1)
+    self.optimizer = keras.optimizers.Adam(learning_rate=rate, beta_1=beta_1, beta_2=beta_2)
     self.optimizer.build([self.theta])
     self.apply = tf.function(self._apply)
 
